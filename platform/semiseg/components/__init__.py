@@ -1,0 +1,1 @@
+"""Pieces that methods compose (EMA teachers, pseudo-labels, uncertainty, discriminators)."""

@@ -1,0 +1,270 @@
+"""Typed experiment configuration with dotted keys.
+
+One configuration object describes a trial. Its flat form uses dotted keys
+(``optim.lr``, ``schedule.rampup_epochs``, ``method.ema_decay``); the same keys are
+Optuna parameter names, MLflow params and CLI overrides (``--set optim.lr=3e-4``).
+Precedence is: dataclass defaults < method defaults < study overrides < CLI.
+
+The ``method`` section is open: its keys are the hyperparameters that the chosen
+method declares (see :mod:`semiseg.methods.base`); unknown keys are rejected with the
+list of keys the method accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+SECTIONS = ("data", "model", "optim", "schedule", "train", "method")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    """Where the cases come from and how they are split.
+
+    ``dataset`` is ``"phantom"`` (a generated dataset written in the nnU-Net raw layout
+    under ``phantom_root``) or the path of a folder in that layout.
+    """
+
+    dataset: str = "phantom"
+    phantom_root: str = ""
+    phantom_cases: int = 40
+    phantom_shape: str = "96x96x12"
+    phantom_spacing: str = "1.0x1.0x3.0"
+    phantom_seed: int = 0
+    num_labelled: int = 3
+    num_validation: int = 6
+    num_test: int = 8
+    split_seed: int = 0
+    dims: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """The segmentation network (registry name and its architecture knobs)."""
+
+    name: str = "unet"
+    depth: int = 3
+    width: int = 16
+    dropout: float = 0.1
+    norm: str = "batch"
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule of the trained networks."""
+
+    name: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    lr_schedule: str = "cosine"
+    grad_clip: float = 10.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Ramp-up of the unsupervised weight (shared by every semi-supervised method)."""
+
+    rampup_epochs: float = 10.0
+    rampup_shape: str = "sigmoid"
+
+
+@dataclass
+class TrainConfig:
+    """The per-worker training loop."""
+
+    max_epochs: int = 30
+    steps_per_epoch: int = 20
+    batch_size: int = 8
+    labelled_per_batch: int = 4
+    seed: int = 0
+    threads: int = 1
+    amp: bool = False
+    channels_last: bool = False
+    val_batch_size: int = 16
+    augment_rotation_deg: float = 15.0
+    augment_scale: float = 0.1
+    augment_shift: float = 0.05
+    augment_noise_std: float = 0.1
+    augment_intensity: float = 0.1
+    evaluate_test: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole trial configuration: typed sections plus the open ``method`` section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "supervised"})
+
+    def to_flat(self) -> dict[str, Any]:
+        """Return the configuration as a flat dict with dotted keys.
+
+        Returns:
+            ``{"data.dataset": ..., "method.name": ..., "method.ema_decay": ...}``.
+        """
+        flat: dict[str, Any] = {}
+        for section in SECTIONS[:-1]:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                flat[f"{section}.{key}"] = value
+        for key, value in self.method.items():
+            flat[f"method.{key}"] = value
+        return flat
+
+    def to_json(self) -> str:
+        """Return the resolved configuration as indented JSON (nested by section)."""
+        nested = {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS[:-1]}
+        nested["method"] = dict(self.method)
+        return json.dumps(nested, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "ExperimentConfig":
+        """Build a configuration from dotted keys, filling method defaults.
+
+        Args:
+            flat: dotted keys; keys without a known section are rejected. Keys that do not
+                start with a section name (e.g. Tune's own entries) must be removed first.
+
+        Returns:
+            The configuration, with the chosen method's declared defaults filled in.
+
+        Raises:
+            ConfigError: unknown section, field or method hyperparameter, or a value that
+                cannot be converted to the field's type.
+        """
+        config = cls()
+        config.apply(flat)
+        return config
+
+    def apply(self, flat: Mapping[str, Any]) -> "ExperimentConfig":
+        """Apply dotted-key overrides in place and return ``self``.
+
+        ``method.name`` is applied first so that the method's defaults are filled before
+        its hyperparameters are overridden.
+
+        Raises:
+            ConfigError: see :meth:`from_flat`.
+        """
+        from semiseg.methods.registry import method_defaults
+
+        items = dict(flat)
+        if "method.name" in items:
+            name = str(items.pop("method.name"))
+            self.method = {"name": name, **method_defaults(name)}
+        elif len(self.method) == 1:
+            self.method = {"name": self.method["name"], **method_defaults(self.method["name"])}
+        for key, value in items.items():
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name:
+                raise ConfigError(f"unknown configuration key {key!r}: keys are <section>.<name> "
+                                  f"with section one of {', '.join(SECTIONS)}")
+            if section == "method":
+                self._set_method_param(name, value)
+            else:
+                self._set_field(section, name, value)
+        return self
+
+    def _set_field(self, section: str, name: str, value: Any) -> None:
+        target = getattr(self, section)
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if name not in fields:
+            raise ConfigError(f"unknown key '{section}.{name}'; {section} has: "
+                              f"{', '.join(sorted(fields))}")
+        current = getattr(target, name)
+        setattr(target, name, coerce(value, type(current), f"{section}.{name}"))
+
+    def _set_method_param(self, name: str, value: Any) -> None:
+        defaults = {k: v for k, v in self.method.items() if k != "name"}
+        if name not in defaults:
+            raise ConfigError(f"unknown key 'method.{name}' for method '{self.method['name']}'; "
+                              f"it has: {', '.join(sorted(defaults)) or '(no hyperparameters)'}")
+        default = defaults[name]
+        self.method[name] = coerce(value, type(default), f"method.{name}")
+
+
+def coerce(value: Any, target: type, key: str) -> Any:
+    """Convert ``value`` (possibly a CLI string) to ``target``'s type.
+
+    Args:
+        value: the value to convert.
+        target: the type of the field's default (bool, int, float or str).
+        key: the dotted key, named in the error message.
+
+    Returns:
+        The converted value.
+
+    Raises:
+        ConfigError: the value cannot be converted.
+    """
+    try:
+        if target is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in {"1", "true", "yes", "on"}:
+                    return True
+                if lowered in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if target is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot use {value!r} as {target.__name__}") from None
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split a CLI override ``key=value``.
+
+    Raises:
+        ConfigError: the text has no ``=`` or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    return key.strip(), value.strip()
+
+
+def parse_shape(text: str, key: str) -> tuple[int, ...]:
+    """Parse ``"96x96x12"`` into ``(96, 96, 12)``.
+
+    Raises:
+        ConfigError: not a list of positive integers separated by ``x``.
+    """
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a shape like 96x96x12") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise ConfigError(f"{key}: {text!r} must contain positive sizes")
+    return shape
+
+
+def parse_spacing(text: str, key: str) -> tuple[float, ...]:
+    """Parse ``"1.0x1.0x3.0"`` into ``(1.0, 1.0, 3.0)``.
+
+    Raises:
+        ConfigError: not a list of positive numbers separated by ``x``.
+    """
+    try:
+        spacing = tuple(float(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a spacing like 1.0x1.0x3.0") from None
+    if not spacing or any(s <= 0 for s in spacing):
+        raise ConfigError(f"{key}: {text!r} must contain positive spacings")
+    return spacing

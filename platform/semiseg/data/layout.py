@@ -1,0 +1,637 @@
+"""Read, check and write datasets in the nnU-Net v2 raw layout.
+
+The layout::
+
+    ROOT/dataset.json                       channel_names, labels, numTraining, file_ending
+    ROOT/imagesTr/{case}_{channel:04d}.nii.gz
+    ROOT/labelsTr/{case}.nii.gz
+    ROOT/imagesTs/{case}_{channel:04d}.nii.gz
+
+Training images without a label file form the unlabelled pool used by
+semi-supervised methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zlib
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from semiseg.data.errors import DatasetError
+
+REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
+SUPPORTED_ENDINGS = (".nii.gz", ".nii")
+AFFINE_ATOL = 1e-3
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+Problems = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case.
+
+    Attributes:
+        case_id: The case identifier, e.g. ``"phantom_003"``.
+        image_paths: One image file per channel, in channel order.
+        label_path: The label file, or None for unlabelled and test cases.
+    """
+
+    case_id: str
+    image_paths: tuple[Path, ...]
+    label_path: Path | None
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """A dataset in the nnU-Net v2 raw layout, as found on disk.
+
+    Attributes:
+        root: The dataset folder.
+        name: ``dataset.json``'s ``name``, or the folder name when absent.
+        channel_names: Channel index (as a string) to modality name.
+        labels: Label name to integer value, background included.
+        file_ending: The image file ending, e.g. ``".nii.gz"``.
+        training: Cases under imagesTr (labelled or not), sorted by id.
+        test: Cases under imagesTs, sorted by id.
+    """
+
+    root: Path
+    name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    file_ending: str
+    training: tuple[CaseFiles, ...]
+    test: tuple[CaseFiles, ...]
+
+    @property
+    def labelled_ids(self) -> tuple[str, ...]:
+        """Ids of training cases that have a label file."""
+        return tuple(c.case_id for c in self.training if c.label_path is not None)
+
+    @property
+    def unlabelled_ids(self) -> tuple[str, ...]:
+        """Ids of training cases without a label file."""
+        return tuple(c.case_id for c in self.training if c.label_path is None)
+
+    @property
+    def num_channels(self) -> int:
+        """Number of image channels per case."""
+        return len(self.channel_names)
+
+    @property
+    def class_ids(self) -> tuple[int, ...]:
+        """Declared label values, sorted (background included)."""
+        return tuple(sorted(self.labels.values()))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, background included."""
+        return len(self.class_ids)
+
+    def get_case(self, case_id: str) -> CaseFiles:
+        """Look a case up by id among training and test cases.
+
+        Args:
+            case_id: The case identifier.
+
+        Returns:
+            The case's files.
+
+        Raises:
+            KeyError: If no case has this id.
+        """
+        for case in self.training + self.test:
+            if case.case_id == case_id:
+                return case
+        raise KeyError(f"no case {case_id!r} in dataset {self.root}")
+
+
+@dataclass(frozen=True)
+class LoadedCase:
+    """The voxel data of one case.
+
+    Attributes:
+        case_id: The case identifier.
+        image: float32 array ``[C, X, Y, Z]``; 2D cases have ``Z == 1``.
+        label: int16 array ``[X, Y, Z]``, or None when the case has no label.
+        spacing: Voxel size in mm along X, Y, Z (from the NIfTI header).
+        affine: The 4x4 voxel-to-world matrix of the first channel.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Volume:
+    data: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_layout(root: str | os.PathLike[str]) -> DatasetLayout:
+    """Find the cases of a dataset in the nnU-Net v2 raw layout.
+
+    Only file names and ``dataset.json`` are checked here; use
+    :func:`validate_layout` to check the voxel data as well.
+
+    Args:
+        root: The dataset folder (the one holding ``dataset.json``).
+
+    Returns:
+        The dataset's layout.
+
+    Raises:
+        DatasetError: Listing every problem found: a missing folder, a
+            missing, unparseable or incomplete ``dataset.json``, a missing
+            ``imagesTr``, a case lacking a channel file, a label file without
+            an image, or no training cases at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise DatasetError.single(root, f"dataset folder {what}")
+    problems: Problems = []
+    meta = _read_dataset_json(root / "dataset.json", problems)
+    channel_names = _parse_channel_names(root / "dataset.json", meta, problems)
+    labels = _parse_labels(root / "dataset.json", meta, problems)
+    file_ending = _parse_file_ending(root / "dataset.json", meta, problems)
+    num_channels = len(channel_names) or None
+    training = _scan_training(root, file_ending, num_channels, problems)
+    test = _scan_images(root / "imagesTs", file_ending, num_channels, problems, required=False)
+    if problems:
+        raise DatasetError(problems)
+    return DatasetLayout(
+        root=root,
+        name=str(meta.get("name", root.name)),
+        channel_names=channel_names,
+        labels=labels,
+        file_ending=file_ending,
+        training=tuple(CaseFiles(cid, paths, label) for cid, (paths, label) in training.items()),
+        test=tuple(CaseFiles(cid, paths, None) for cid, paths in test.items()),
+    )
+
+
+def _read_dataset_json(path: Path, problems: Problems) -> dict[str, Any]:
+    if not path.is_file():
+        problems.append((str(path), "dataset.json is missing; every nnU-Net dataset needs one"))
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append((str(path), f"cannot parse dataset.json as JSON ({exc})"))
+        return {}
+    if not isinstance(meta, dict):
+        problems.append((str(path), "dataset.json must hold a JSON object"))
+        return {}
+    for key in REQUIRED_KEYS:
+        if key not in meta:
+            problems.append((str(path), f"dataset.json is missing the required key {key!r}"))
+    return meta
+
+
+def _parse_channel_names(path: Path, meta: Mapping[str, Any], problems: Problems) -> dict[str, str]:
+    raw = meta.get("channel_names")
+    if raw is None:
+        return {}
+    expected = [str(i) for i in range(len(raw))] if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not raw or sorted(raw, key=_int_or_inf) != expected:
+        problems.append(
+            (str(path), f'"channel_names" must map "0", "1", ... to modality names, got {raw!r}')
+        )
+        return {}
+    return {str(i): str(raw[str(i)]) for i in range(len(raw))}
+
+
+def _int_or_inf(text: str) -> float:
+    return int(text) if text.isdigit() else float("inf")
+
+
+def _parse_labels(path: Path, meta: Mapping[str, Any], problems: Problems) -> dict[str, int]:
+    raw = meta.get("labels")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        problems.append((str(path), f'"labels" must map label names to integers, got {raw!r}'))
+        return {}
+    labels: dict[str, int] = {}
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(
+                (str(path), f"label {name!r} has value {value!r}; only integer labels are supported")
+            )
+        else:
+            labels[str(name)] = value
+    if labels and 0 not in labels.values():
+        problems.append((str(path), '"labels" must declare the background with value 0'))
+    return labels
+
+
+def _parse_file_ending(path: Path, meta: Mapping[str, Any], problems: Problems) -> str:
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in SUPPORTED_ENDINGS:
+        problems.append(
+            (str(path), f"file_ending {ending!r} is not supported (use one of {SUPPORTED_ENDINGS})")
+        )
+        return ".nii.gz"
+    return str(ending)
+
+
+def _scan_training(
+    root: Path, file_ending: str, num_channels: int | None, problems: Problems
+) -> dict[str, tuple[tuple[Path, ...], Path | None]]:
+    images = _scan_images(root / "imagesTr", file_ending, num_channels, problems, required=True)
+    labels = _list_files(root / "labelsTr", file_ending)
+    for case_id, label_path in sorted(labels.items()):
+        if case_id not in images and (root / "imagesTr").is_dir():
+            problems.append(
+                (str(label_path), f"label file has no image: expected imagesTr/{case_id}_0000{file_ending}")
+            )
+    if (root / "imagesTr").is_dir() and not images:
+        problems.append(
+            (str(root / "imagesTr"), f"no training cases found (expected files like CASE_0000{file_ending})")
+        )
+    return {cid: (paths, labels.get(cid)) for cid, paths in images.items()}
+
+
+def _scan_images(
+    folder: Path, file_ending: str, num_channels: int | None, problems: Problems, *, required: bool
+) -> dict[str, tuple[Path, ...]]:
+    """Group a folder's image files by case; ``num_channels=None`` infers it from the files."""
+    if not folder.is_dir():
+        if required:
+            problems.append((str(folder), f"{folder.name} folder is missing"))
+        return {}
+    by_case: dict[str, dict[int, Path]] = {}
+    for stem, path in _list_files(folder, file_ending).items():
+        match = _CHANNEL_RE.match(stem)
+        if match is None:
+            problems.append(
+                (str(path), f"image name must end with a 4-digit channel index, e.g. {stem}_0000{file_ending}")
+            )
+            continue
+        by_case.setdefault(match["case"], {})[int(match["channel"])] = path
+    if num_channels is None:
+        num_channels = 1 + max((max(found) for found in by_case.values()), default=0)
+    cases: dict[str, tuple[Path, ...]] = {}
+    for case_id in sorted(by_case):
+        paths = _case_channels(folder, case_id, by_case[case_id], file_ending, num_channels, problems)
+        if paths is not None:
+            cases[case_id] = paths
+    return cases
+
+
+def _case_channels(
+    folder: Path,
+    case_id: str,
+    found: dict[int, Path],
+    file_ending: str,
+    num_channels: int,
+    problems: Problems,
+) -> tuple[Path, ...] | None:
+    ok = True
+    for channel in range(num_channels):
+        if channel not in found:
+            expected = folder / f"{case_id}_{channel:04d}{file_ending}"
+            problems.append((str(expected), f"channel {channel} file of case {case_id!r} is missing"))
+            ok = False
+    for channel in sorted(c for c in found if c >= num_channels):
+        problems.append(
+            (str(found[channel]), f"channel {channel} is not declared in dataset.json channel_names")
+        )
+        ok = False
+    return tuple(found[c] for c in range(num_channels)) if ok else None
+
+
+def _list_files(folder: Path, file_ending: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name[: -len(file_ending)]: p
+        for p in sorted(folder.iterdir())
+        if p.name.endswith(file_ending) and not p.name.startswith(".") and p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_case(case: CaseFiles, declared_labels: Collection[int] | None = None) -> LoadedCase:
+    """Load and check the voxel data of one case.
+
+    Args:
+        case: The case's files, e.g. from :func:`read_layout`.
+        declared_labels: Label values allowed in the label file (usually
+            ``layout.class_ids``); None skips this check.
+
+    Returns:
+        The case's image, label, spacing and affine.
+
+    Raises:
+        DatasetError: Naming the file, when a file is unreadable, truncated
+            or not NIfTI; has other than 2 or 3 spatial dimensions; holds
+            NaN/Inf voxels; when channel shapes or affines differ; when the
+            label's shape or affine differs from the image's; or when the
+            label holds values not declared in ``dataset.json``.
+    """
+    loaded, problems = _load_checked(case, declared_labels, check_constant=False)
+    if problems or loaded is None:
+        raise DatasetError(problems)
+    return loaded
+
+
+def validate_layout(layout: DatasetLayout) -> None:
+    """Load every case once and report all problems found, across all cases.
+
+    Besides the checks of :func:`load_case`, flags constant images (which
+    would make intensity normalisation divide by zero).
+
+    Args:
+        layout: The dataset, from :func:`read_layout`.
+
+    Raises:
+        DatasetError: Listing every problem of every case.
+    """
+    problems: Problems = []
+    for case in layout.training + layout.test:
+        problems.extend(_load_checked(case, layout.class_ids, check_constant=True)[1])
+    if problems:
+        raise DatasetError(problems)
+
+
+def _load_checked(
+    case: CaseFiles, declared_labels: Collection[int] | None, *, check_constant: bool
+) -> tuple[LoadedCase | None, Problems]:
+    problems: Problems = []
+    channels = [_read_volume(p, problems) for p in case.image_paths]
+    for path, vol in zip(case.image_paths, channels):
+        if vol is not None:
+            _check_finite(path, vol.data, problems)
+            if check_constant:
+                _check_not_constant(path, vol.data, problems)
+    _check_channels_agree(case.image_paths, channels, problems)
+    label = _load_label(case, channels[0] if channels else None, declared_labels, problems)
+    if problems or not channels or channels[0] is None:
+        return None, problems
+    first = channels[0]
+    image = np.stack([v.data for v in channels if v is not None]).astype(np.float32, copy=False)
+    return LoadedCase(case.case_id, image, label, first.spacing, first.affine), problems
+
+
+def _read_volume(path: Path, problems: Problems) -> _Volume | None:
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except EOFError:
+        problems.append((str(path), "file is truncated (compressed data ends early); re-copy or re-export it"))
+        return None
+    except (nib.filebasedimages.ImageFileError, OSError, zlib.error, ValueError, TypeError) as exc:
+        problems.append((str(path), f"not a readable NIfTI file (corrupt or wrong format): {exc}"))
+        return None
+    if data.ndim not in (2, 3):
+        problems.append(
+            (str(path), f"expected 2 or 3 spatial dimensions, got shape {data.shape} ({data.ndim}D)")
+        )
+        return None
+    if data.ndim == 2:
+        data = data[:, :, np.newaxis]
+        zooms = zooms[:2] + (1.0,)
+    return _Volume(data, affine, (zooms[0], zooms[1], zooms[2]))
+
+
+def _check_finite(path: Path, data: np.ndarray, problems: Problems) -> None:
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        problems.append((str(path), f"image holds {bad} NaN/Inf voxel(s)"))
+
+
+def _check_not_constant(path: Path, data: np.ndarray, problems: Problems) -> None:
+    if data.size and np.all(data == data.flat[0]):
+        problems.append(
+            (str(path), f"constant image (every voxel is {data.flat[0]:g}), intensity normalisation would divide by zero")
+        )
+
+
+def _check_channels_agree(
+    paths: Iterable[Path], channels: list[_Volume | None], problems: Problems
+) -> None:
+    pairs = [(p, v) for p, v in zip(paths, channels) if v is not None]
+    if not pairs:
+        return
+    ref_path, ref = pairs[0]
+    for path, vol in pairs[1:]:
+        if vol.data.shape != ref.data.shape:
+            problems.append(
+                (str(path), f"channel shape {vol.data.shape} differs from {ref_path.name} shape {ref.data.shape}")
+            )
+        elif not np.allclose(vol.affine, ref.affine, atol=AFFINE_ATOL):
+            problems.append((str(path), f"channel affine differs from {ref_path.name} affine"))
+
+
+def _load_label(
+    case: CaseFiles,
+    image: _Volume | None,
+    declared_labels: Collection[int] | None,
+    problems: Problems,
+) -> np.ndarray | None:
+    if case.label_path is None:
+        return None
+    path = case.label_path
+    vol = _read_volume(path, problems)
+    if vol is None:
+        return None
+    n_before = len(problems)
+    if image is not None:
+        _check_label_geometry(path, vol, image, problems)
+    _check_label_values(path, vol.data, declared_labels, problems)
+    if len(problems) > n_before:
+        return None
+    return vol.data.astype(np.int16)
+
+
+def _check_label_geometry(path: Path, label: _Volume, image: _Volume, problems: Problems) -> None:
+    if label.data.shape != image.data.shape:
+        problems.append(
+            (str(path), f"label shape {label.data.shape} does not match image shape {image.data.shape}")
+        )
+    elif not np.allclose(label.affine, image.affine, atol=AFFINE_ATOL):
+        diff = float(np.max(np.abs(label.affine - image.affine)))
+        problems.append(
+            (str(path), f"label affine does not match image affine (largest difference {diff:.4g}); "
+             "the label is not aligned with the image")
+        )
+
+
+def _check_label_values(
+    path: Path, data: np.ndarray, declared: Collection[int] | None, problems: Problems
+) -> None:
+    if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
+        problems.append((str(path), "label holds non-integer or NaN/Inf values"))
+        return
+    if declared is None:
+        return
+    allowed = {int(v) for v in declared}
+    undeclared = sorted(int(v) for v in np.unique(data) if int(v) not in allowed)
+    if undeclared:
+        problems.append(
+            (str(path), f"label values {undeclared} are not declared in dataset.json labels "
+             f"(declared: {sorted(declared)})")
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_case(
+    root: str | os.PathLike[str],
+    case_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    spacing: tuple[float, float, float],
+    split: str = "Tr",
+    affine: np.ndarray | None = None,
+) -> CaseFiles:
+    """Write one case as NIfTI files, atomically per file.
+
+    Args:
+        root: The dataset folder.
+        case_id: The case identifier (no channel suffix).
+        image: Array ``[C, X, Y, Z]``; saved as float32, one file per channel.
+        label: Integer array ``[X, Y, Z]`` or None; saved as int16 in labelsTr.
+        spacing: Voxel size in mm along X, Y, Z.
+        split: ``"Tr"`` (imagesTr/labelsTr) or ``"Ts"`` (imagesTs, no label).
+        affine: 4x4 voxel-to-world matrix; defaults to ``diag(spacing)``. Its
+            column norms must equal ``spacing``.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ValueError: On a bad split, array shapes, a label for a test case, or
+            an affine inconsistent with ``spacing``.
+    """
+    image = np.asarray(image)
+    _check_write_args(image, label, split)
+    affine = _affine_for(spacing, affine)
+    root = Path(root)
+    image_dir = root / f"images{split}"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    image_paths = []
+    for channel, data in enumerate(image):
+        path = image_dir / f"{case_id}_{channel:04d}.nii.gz"
+        _save_nifti(np.asarray(data, dtype=np.float32), affine, path)
+        image_paths.append(path)
+    label_path = None
+    if label is not None:
+        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+        label_path = root / "labelsTr" / f"{case_id}.nii.gz"
+        _save_nifti(np.asarray(label).astype(np.int16), affine, label_path)
+    return CaseFiles(case_id, tuple(image_paths), label_path)
+
+
+def _check_write_args(image: np.ndarray, label: np.ndarray | None, split: str) -> None:
+    if split not in ("Tr", "Ts"):
+        raise ValueError(f"split must be 'Tr' or 'Ts', got {split!r}")
+    if image.ndim != 4:
+        raise ValueError(f"image must be [C, X, Y, Z], got shape {image.shape}")
+    if label is None:
+        return
+    if split == "Ts":
+        raise ValueError("test cases (split='Ts') are written without labels")
+    if np.shape(label) != image.shape[1:]:
+        raise ValueError(f"label shape {np.shape(label)} does not match image shape {image.shape[1:]}")
+
+
+def _affine_for(spacing: tuple[float, float, float], affine: np.ndarray | None) -> np.ndarray:
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    if spacing_arr.shape != (3,) or np.any(spacing_arr <= 0):
+        raise ValueError(f"spacing must be 3 positive numbers, got {spacing}")
+    if affine is None:
+        return np.diag([*spacing_arr, 1.0])
+    affine = np.asarray(affine, dtype=np.float64)
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if affine.shape != (4, 4) or not np.allclose(norms, spacing_arr, atol=1e-4):
+        raise ValueError(f"affine column norms {norms} do not match spacing {tuple(spacing_arr)}")
+    return affine
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_dataset_json(
+    root: str | os.PathLike[str],
+    name: str,
+    channel_names: Mapping[str, str],
+    labels: Mapping[str, int],
+    num_training: int,
+    file_ending: str = ".nii.gz",
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``dataset.json`` atomically.
+
+    Args:
+        root: The dataset folder (created if missing).
+        name: The dataset name.
+        channel_names: Channel index (as a string) to modality name.
+        labels: Label name to integer value, background (0) included.
+        num_training: Number of training cases (``numTraining``).
+        file_ending: The image file ending.
+        extra: Further keys to store (e.g. generator parameters).
+
+    Returns:
+        The path of the file written.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "name": name,
+        "channel_names": {str(k): str(v) for k, v in channel_names.items()},
+        "labels": {str(k): int(v) for k, v in labels.items()},
+        "numTraining": int(num_training),
+        "file_ending": file_ending,
+    }
+    meta.update(extra or {})
+    path = root / "dataset.json"
+    _write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,187 @@
+"""What every method shares: hyperparameter declarations, the build context, progress.
+
+A method is a class registered under its file's name (see
+:mod:`semiseg.methods.registry`). It owns its networks, declares its hyperparameters
+(defaults and default search ranges from its paper) and implements:
+
+- ``training_step(batch, progress) -> StepOutput``: the losses of one step; the loop
+  owns backward, optimisers and AMP;
+- ``after_step(progress)``: EMA updates and the like, after the optimiser step;
+- ``eval_model()``: the network used for validation (the teacher for mean teacher);
+- ``optimizer_groups()``: named parameter lists, one optimiser each;
+- ``state_dict()`` / ``load_state_dict()``: everything needed to resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from semiseg.augment import AugmentSettings
+from semiseg.models import build_model
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A method hyperparameter: its default and its default search range.
+
+    Attributes:
+        default: value used when a study does not set it (from the method's paper).
+        low, high: numeric search range (inclusive).
+        log: search on a log scale.
+        complement: search ``1 - value`` on a log scale (EMA decays: 0.9 … 0.9999).
+        choices: categorical search values.
+        help: one line shown in ``--help-method`` and the docs.
+    """
+
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    complement: bool = False
+    choices: Sequence[Any] | None = None
+    help: str = ""
+
+    @property
+    def searchable(self) -> bool:
+        """Whether the hyperparameter has a default search range."""
+        return self.choices is not None or (self.low is not None and self.high is not None)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is: global step and fractional epoch.
+
+    ``stage_epoch`` counts epochs since the semi-supervised stage started (after any
+    pretraining); ramp-ups use it.
+    """
+
+    step: int
+    epoch: float
+    max_epochs: int
+    stage_epoch: float = 0.0
+    stage: str = "semi"
+
+
+@dataclass
+class StepOutput:
+    """Losses of one training step.
+
+    Attributes:
+        objectives: one scalar per optimiser group to back-propagate (``main`` for the
+            segmenter; e.g. ``discriminator`` for an adversarial method).
+        logs: floats or scalar tensors to record (``loss_sup``, ``loss_cons``,
+            ``cons_weight``...), without the ``train/`` prefix.
+    """
+
+    objectives: dict[str, torch.Tensor]
+    logs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method needs to build its networks."""
+
+    dims: int
+    in_channels: int
+    num_classes: int
+    model: Mapping[str, Any]
+    augment: AugmentSettings
+    rampup_epochs: float
+    rampup_shape: str
+    supervised_loss: str = "dice_ce"
+    seed: int = 0
+    device: str = "cpu"
+
+    def build_network(self, seed_offset: int = 0) -> nn.Module:
+        """Build the configured segmentation network, initialised from ``seed + seed_offset``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1000 + seed_offset)
+            network = build_model(self.model["name"], dims=self.dims, in_channels=self.in_channels,
+                                  num_classes=self.num_classes, depth=int(self.model["depth"]),
+                                  width=int(self.model["width"]), dropout=float(self.model["dropout"]),
+                                  norm=str(self.model["norm"]))
+        return network.to(self.device)
+
+
+class Method:
+    """Base of the registered methods: storage of networks and the common plumbing.
+
+    Subclasses set ``name``, ``hparams`` and ``uses_unlabelled`` and implement
+    ``training_step``. Networks that the loop should wrap in DDP and optimise are put in
+    ``self.trained``; networks that are not optimised (EMA teachers) in ``self.frozen``.
+    """
+
+    name: ClassVar[str] = ""
+    hparams: ClassVar[dict[str, HParam]] = {}
+    uses_unlabelled: ClassVar[bool] = True
+
+    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+        self.context = context
+        self.params = dict(params)
+        self.trained: dict[str, nn.Module] = {}
+        self.frozen: dict[str, nn.Module] = {}
+        self.generator = torch.Generator().manual_seed(context.seed)
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter groups, one optimiser each; ``main`` trains the segmenter."""
+        return {"main": [p for m in self.trained.values() for p in m.parameters()]}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """Return the losses of one step on ``batch`` (keys ``image_l``, ``label_l``, ``image_u``)."""
+        raise NotImplementedError
+
+    def after_step(self, progress: Progress) -> None:
+        """Hook after the optimiser step (EMA updates); nothing by default."""
+
+    def end_epoch(self, epoch: int, train_logs: Mapping[str, float]) -> None:
+        """Hook after an epoch with the epoch's mean training logs; nothing by default."""
+
+    def eval_model(self) -> nn.Module:
+        """Network used for validation and test."""
+        return self.trained["student"]
+
+    def train(self) -> None:
+        """Put every network in training mode (teachers stay in eval unless a method says)."""
+        for module in self.trained.values():
+            module.train()
+        for module in self.frozen.values():
+            module.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights of every network and the method's own state."""
+        state = {f"trained.{k}": _unwrap(m).state_dict() for k, m in self.trained.items()}
+        state.update({f"frozen.{k}": m.state_dict() for k, m in self.frozen.items()})
+        state["generator"] = self.generator.get_state()
+        state["extra"] = self.extra_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for key, module in self.trained.items():
+            _unwrap(module).load_state_dict(state[f"trained.{key}"])
+        for key, module in self.frozen.items():
+            module.load_state_dict(state[f"frozen.{key}"])
+        self.generator.set_state(state["generator"])
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state other than weights (e.g. an adaptive weight); empty by default."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    def cons_weight(self, progress: Progress, weight: float) -> float:
+        """``weight`` times the configured ramp-up at the semi-supervised stage's epoch."""
+        from semiseg.schedules import rampup
+
+        return weight * rampup(progress.stage_epoch, self.context.rampup_epochs, self.context.rampup_shape)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") and isinstance(
+        module, nn.parallel.DistributedDataParallel) else module

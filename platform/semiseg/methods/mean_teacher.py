@@ -1,0 +1,94 @@
+"""Mean teacher for segmentation (Perone & Cohen-Adad, DLMIA 2018).
+
+"Deep semi-supervised segmentation with weight-averaged consistency targets",
+building on Tarvainen & Valpola (NeurIPS 2017).
+
+- The teacher is the exponential moving average of the student (fused in-place update,
+  :mod:`semiseg.components.ema`), with a decay schedule: ``ema_decay`` until
+  ``ema_switch_epoch``, then ``ema_decay_late`` (the paper: 0.99 for 50 epochs, then
+  0.999).
+- The student sees g(x): a random spatial transform plus intensity noise. The teacher
+  sees x with its own noise, and the *same* spatial transform is applied to the
+  teacher's output, so the two maps are aligned for the voxel-wise consistency loss
+  (the paper's Fig. 2 "delayed" augmentation).
+- Supervised loss (Dice + CE, on the labelled part) and consistency (BCE as in the
+  paper, or MSE) on labelled *and* unlabelled images, weighted by ``consistency`` times a
+  sigmoid ramp-up.
+
+Which network each loss trains: both losses train the student; the teacher gets no
+gradient (its targets are detached) and changes only by the EMA in ``after_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from semiseg.augment import perturb_intensity, sample_affine, valid_mask, warp, warp_labels
+from semiseg.components.ema import EmaUpdater, make_teacher
+from semiseg.losses import consistency_loss, supervised_loss
+from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.registry import register_method
+from semiseg.schedules import ema_decay_at
+
+
+@register_method
+class MeanTeacher(Method):
+    """Student trained on labels and on consistency with its EMA teacher."""
+
+    name = "mean_teacher"
+    hparams = {
+        "ema_decay": HParam(0.99, low=0.9, high=0.9999, complement=True,
+                            help="EMA decay α of the teacher (paper: 0.99 for the first 50 epochs)"),
+        "ema_decay_late": HParam(0.0, help="decay after ema_switch_epoch (paper: 0.999); 0 keeps ema_decay"),
+        "ema_switch_epoch": HParam(0.0, help="epoch at which ema_decay_late takes over; 0 disables"),
+        "consistency": HParam(1.0, low=0.1, high=30.0, log=True,
+                              help="weight of the consistency loss after ramp-up (paper: 2.9; follow-up code: 20)"),
+        "consistency_loss": HParam("mse", choices=("mse", "bce"),
+                                   help="consistency between student and teacher probabilities (paper: bce)"),
+        "teacher_noise_std": HParam(0.1, low=0.0, high=0.3,
+                                    help="Gaussian noise σ on the teacher's input (reference code: 0.1)"),
+    }
+
+    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+        super().__init__(context, params)
+        student = context.build_network()
+        self.trained["student"] = student
+        self.frozen["teacher"] = make_teacher(student)
+        self._ema: EmaUpdater | None = None
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """Supervised loss on the labelled part, ramped consistency on all images."""
+        images_l, labels_l = batch["image_l"], batch["label_l"]
+        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
+        context, generator = self.context, self.generator
+        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device)
+        student_in = perturb_intensity(warp(images, theta), context.augment, generator)
+        student_logits = self.trained["student"](student_in)
+        n_l = images_l.shape[0]
+        loss_sup = supervised_loss(context.supervised_loss, student_logits[:n_l],
+                                   warp_labels(labels_l, theta[:n_l]))
+        with torch.no_grad():
+            noise = torch.randn(images.shape, generator=generator).to(images.device)
+            teacher_in = images + noise * float(self.params["teacher_noise_std"])
+            teacher_probs = self.frozen["teacher"](teacher_in).float().softmax(dim=1)
+            teacher_aligned = warp(teacher_probs, theta)
+            mask = valid_mask(teacher_probs, theta)
+        loss_cons = consistency_loss(str(self.params["consistency_loss"]), student_logits, teacher_aligned, mask)
+        weight = self.cons_weight(progress, float(self.params["consistency"]))
+        return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
+                          logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
+                                "cons_weight": weight})
+
+    def after_step(self, progress: Progress) -> None:
+        """EMA update of the teacher with the scheduled decay."""
+        if self._ema is None:
+            self._ema = EmaUpdater(self.frozen["teacher"], self.trained["student"])
+        decay = ema_decay_at(progress.step, progress.epoch, float(self.params["ema_decay"]),
+                             float(self.params["ema_decay_late"]), float(self.params["ema_switch_epoch"]))
+        self._ema.update(decay)
+
+    def eval_model(self) -> torch.nn.Module:
+        """The teacher (the EMA model is the one the paper evaluates)."""
+        return self.frozen["teacher"]

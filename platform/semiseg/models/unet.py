@@ -1,0 +1,119 @@
+"""U-Net (Ronneberger et al., MICCAI 2015) for 2D slices or 3D volumes.
+
+Configurable depth, width, dropout and normalisation; odd spatial sizes are handled by
+padding the up-sampled maps to their skip connection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg.models.registry import register_model
+
+
+def _conv(dims: int) -> type[nn.Module]:
+    return nn.Conv2d if dims == 2 else nn.Conv3d
+
+
+def make_norm(norm: str, dims: int, channels: int) -> nn.Module:
+    """Return the normalisation layer named ``norm`` for ``channels`` features.
+
+    Raises:
+        ValueError: unknown normalisation name.
+    """
+    if norm == "batch":
+        return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+    if norm == "instance":
+        return (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    if norm == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown normalisation {norm!r}; use batch, instance, group or none")
+
+
+class ConvBlock(nn.Sequential):
+    """Two (conv 3, norm, LeakyReLU) layers with optional dropout between them."""
+
+    def __init__(self, dims: int, cin: int, cout: int, norm: str, dropout: float) -> None:
+        conv = _conv(dims)
+        dropout_layer: nn.Module = (nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout) \
+            if dropout > 0 else nn.Identity()
+        super().__init__(
+            conv(cin, cout, 3, padding=1, bias=norm == "none"), make_norm(norm, dims, cout),
+            nn.LeakyReLU(0.01, inplace=True), dropout_layer,
+            conv(cout, cout, 3, padding=1, bias=norm == "none"), make_norm(norm, dims, cout),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` down-sampling stages.
+
+    Dropout is applied in the two deepest stages (where it regularises most and where
+    stochastic teacher passes of UA-MT draw their variation).
+    """
+
+    def __init__(self, *, dims: int, in_channels: int, num_classes: int, depth: int = 3,
+                 width: int = 16, dropout: float = 0.0, norm: str = "batch") -> None:
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {dims}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.dims = dims
+        self.depth = depth
+        channels = [width * 2 ** i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList()
+        cin = in_channels
+        for level, cout in enumerate(channels):
+            level_dropout = dropout if level >= depth - 1 else 0.0
+            self.encoders.append(ConvBlock(dims, cin, cout, norm, level_dropout))
+            cin = cout
+        up = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(depth)):
+            self.ups.append(up(channels[level + 1], channels[level], 2, stride=2))
+            self.decoders.append(ConvBlock(dims, channels[level] * 2, channels[level], norm, 0.0))
+        self.head = _conv(dims)(channels[0], num_classes, 1)
+        self.feature_channels = channels[0]
+        self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Segment ``x`` of shape ``[B, C, *spatial]``.
+
+        Returns:
+            Logits ``[B, num_classes, *spatial]``, or ``(logits, features)`` when
+            ``return_features`` (features: the penultimate per-pixel maps).
+        """
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if level < self.depth:
+                skips.append(x)
+                x = self.pool(x)
+        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
+            x = up(x)
+            x = _pad_to(x, skip)
+            x = decoder(torch.cat([skip, x], dim=1))
+        logits = self.head(x)
+        return (logits, x) if return_features else logits
+
+
+def _pad_to(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    diff = [r - s for r, s in zip(reference.shape[2:], x.shape[2:])]
+    if not any(diff):
+        return x
+    pad: list[int] = []
+    for d in reversed(diff):
+        pad.extend([d // 2, d - d // 2])
+    return F.pad(x, pad)
+
+
+@register_model("unet")
+def build_unet(**kwargs) -> UNet:
+    """Build a :class:`UNet` (registry entry ``unet``)."""
+    return UNet(**kwargs)

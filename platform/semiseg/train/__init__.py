@@ -1,0 +1,1 @@
+"""The per-worker training loop, its checkpoints and the Ray wrappers."""

@@ -1,0 +1,301 @@
+"""The per-worker training loop, shared by in-process trials, Ray Train DDP and tests.
+
+Per epoch: ``steps_per_epoch`` optimiser steps on mixed labelled/unlabelled batches,
+validation on whole cases with the method's evaluation model, a checkpoint, and one
+report (``epoch`` counts finished epochs; ASHA uses it as its time attribute because it
+survives retries, unlike Tune's ``training_iteration``). The loop resumes from the
+latest checkpoint it is given. A non-finite loss ends the trial as diverged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+from semiseg.augment import AugmentSettings
+from semiseg.config import ExperimentConfig
+from semiseg.data.batches import MixedBatchSampler
+from semiseg.data.prepared import PreparedData, prepare_split
+from semiseg.data.source import resolve_dataset
+from semiseg.methods import BuildContext, Method, Progress, build_method
+from semiseg.schedules import lr_factor
+from semiseg.train.evaluate import evaluate_cases, summarise_cases
+from semiseg.train.session import LocalSession, Session, TrainSession, TuneSession, checkpoint_staging
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "state.pt"
+TUNE_KEYS_PREFIX = "_"
+
+
+@dataclass
+class LoopState:
+    """What survives between epochs and across a resume."""
+
+    epoch: int = 0
+    step: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+    best_eval_state: dict | None = None
+    diverged: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def config_from_trial(config: Mapping[str, Any]) -> ExperimentConfig:
+    """Build the typed config from a trial's flat dict, ignoring Tune/runner private keys."""
+    return ExperimentConfig.from_flat({k: v for k, v in config.items() if not k.startswith(TUNE_KEYS_PREFIX)})
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: run the loop on this worker with DDP across the group."""
+    run_training(config, TrainSession())
+
+
+def tune_trial(config: dict) -> None:
+    """Ray Tune entry point for single-worker trials: run the loop in the trial process."""
+    run_training(config, TuneSession())
+
+
+def run_training(config: Mapping[str, Any], session: Session | None = None) -> LoopState:
+    """Train one configuration, reporting every epoch to ``session``.
+
+    Args:
+        config: flat dotted-key configuration (see :mod:`semiseg.config`).
+        session: where to report; a :class:`LocalSession` when None.
+
+    Returns:
+        The final loop state (history of reported metrics, best epoch).
+    """
+    session = session or LocalSession()
+    cfg = config_from_trial(config)
+    torch.set_num_threads(max(1, cfg.train.threads))
+    device = _device(session)
+    _seed_everything(cfg.train.seed, session.rank)
+    data = prepare_split(resolve_dataset(cfg.data), num_labelled=cfg.data.num_labelled,
+                         num_validation=cfg.data.num_validation, num_test=cfg.data.num_test,
+                         split_seed=cfg.data.split_seed, dims=cfg.data.dims)
+    method = build_method(cfg.method["name"], _build_context(cfg, data, device), cfg.method)
+    if session.world_size > 1:
+        _wrap_ddp(method, device)
+    optimizers = _build_optimizers(method, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
+    state = LoopState()
+    with session.restored_checkpoint() as folder:
+        if folder is not None:
+            state = _load_checkpoint(Path(folder), method, optimizers, scaler)
+            log.info("resumed from epoch %d", state.epoch)
+    sampler = MixedBatchSampler(data.labelled_images, data.labelled_labels, data.unlabelled_images,
+                                labelled_per_batch=cfg.train.labelled_per_batch,
+                                unlabelled_per_batch=(cfg.train.batch_size - cfg.train.labelled_per_batch
+                                                      if method.uses_unlabelled else 0),
+                                rank=session.rank, world_size=session.world_size, seed=cfg.train.seed)
+    while state.epoch < cfg.train.max_epochs and not state.diverged:
+        metrics = _train_epoch(cfg, method, optimizers, scaler, sampler, state, device)
+        if not state.diverged:
+            metrics.update(_validate(cfg, method, data, state, session, device))
+        state.epoch += 1
+        metrics.update({"epoch": state.epoch, "diverged": float(state.diverged),
+                        "val/dice_best": max(state.best_dice, 0.0), "best_epoch": state.best_epoch})
+        if state.epoch == cfg.train.max_epochs and cfg.train.evaluate_test and not state.diverged:
+            metrics.update(_test(cfg, method, data, state, session, device))
+        state.history.append(metrics)
+        _report(session, metrics, method, optimizers, scaler, state)
+    return state
+
+
+def _device(session: Session) -> torch.device:
+    if torch.cuda.is_available():
+        if isinstance(session, TrainSession):
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    torch.manual_seed(seed * 7919 + rank)
+
+
+def _build_context(cfg: ExperimentConfig, data: PreparedData, device: torch.device) -> BuildContext:
+    augment = AugmentSettings(rotation_deg=cfg.train.augment_rotation_deg, scale=cfg.train.augment_scale,
+                              shift=cfg.train.augment_shift, noise_std=cfg.train.augment_noise_std,
+                              intensity=cfg.train.augment_intensity)
+    return BuildContext(dims=cfg.data.dims, in_channels=data.in_channels, num_classes=data.num_classes,
+                        model={"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width,
+                               "dropout": cfg.model.dropout, "norm": cfg.model.norm},
+                        augment=augment, rampup_epochs=cfg.schedule.rampup_epochs,
+                        rampup_shape=cfg.schedule.rampup_shape, seed=cfg.train.seed, device=str(device))
+
+
+def _wrap_ddp(method: Method, device: torch.device) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    for key, module in method.trained.items():
+        method.trained[key] = DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _build_optimizers(method: Method, cfg: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
+    optimizers = {}
+    for group, params in method.optimizer_groups().items():
+        if cfg.optim.name == "adamw":
+            optimizers[group] = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                                  foreach=True)
+        elif cfg.optim.name == "adam":
+            optimizers[group] = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                                 foreach=True)
+        elif cfg.optim.name == "sgd":
+            optimizers[group] = torch.optim.SGD(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                                momentum=0.9, nesterov=True, foreach=True)
+        else:
+            raise ValueError(f"optim.name: unknown optimiser {cfg.optim.name!r}; use adamw, adam or sgd")
+        for param_group in optimizers[group].param_groups:
+            param_group["base_lr"] = param_group["lr"]
+    return optimizers
+
+
+def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, torch.optim.Optimizer],
+                 scaler: torch.amp.GradScaler, sampler: MixedBatchSampler, state: LoopState,
+                 device: torch.device) -> dict[str, float]:
+    method.train()
+    steps = cfg.train.steps_per_epoch
+    sums: dict[str, float] = {}
+    started = time.perf_counter()
+    amp = cfg.train.amp and device.type == "cuda"
+    for index, batch in enumerate(sampler.epoch(state.epoch, steps, device)):
+        epoch = state.epoch + index / steps
+        factor = lr_factor(epoch, cfg.train.max_epochs, cfg.optim.warmup_epochs, cfg.optim.lr_schedule)
+        for optimizer in optimizers.values():
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = param_group["base_lr"] * factor
+        progress = Progress(step=state.step, epoch=epoch, max_epochs=cfg.train.max_epochs, stage_epoch=epoch)
+        with torch.autocast(device.type, enabled=amp):
+            output = method.training_step(batch, progress)
+        total = sum(output.objectives.values())
+        if not torch.isfinite(total.detach()):
+            log.warning("non-finite loss at epoch %.2f: the trial ends as diverged", epoch)
+            state.diverged = True
+            break
+        _backward_and_step(output.objectives, optimizers, scaler, cfg.optim.grad_clip)
+        method.after_step(progress)
+        state.step += 1
+        for key, value in output.logs.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
+    done = max(1, index + 1 if steps else 1)
+    means = {key: value / done for key, value in sums.items()}
+    method.end_epoch(state.epoch, means)
+    metrics = {f"train/{key}": value for key, value in means.items()}
+    metrics["train/lr"] = cfg.optim.lr * lr_factor(state.epoch + 1, cfg.train.max_epochs,
+                                                   cfg.optim.warmup_epochs, cfg.optim.lr_schedule)
+    metrics["time/train_s"] = time.perf_counter() - started
+    return metrics
+
+
+def _backward_and_step(objectives: dict[str, torch.Tensor], optimizers: dict[str, torch.optim.Optimizer],
+                       scaler: torch.amp.GradScaler, grad_clip: float) -> None:
+    names = list(objectives)
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    for position, name in enumerate(names):
+        optimizer = optimizers[name]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        retain = position < len(names) - 1
+        scaler.scale(objectives[name]).backward(inputs=params, retain_graph=retain)
+    for name in names:
+        optimizer = optimizers[name]
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        scaler.step(optimizer)
+    scaler.update()
+
+
+def _validate(cfg: ExperimentConfig, method: Method, data: PreparedData, state: LoopState,
+              session: Session, device: torch.device) -> dict[str, float]:
+    started = time.perf_counter()
+    model = method.eval_model()
+    per_case = _evaluate_sharded(model, data.validation, data, cfg, session, device)
+    metrics = summarise_cases(per_case, "val")
+    dice = metrics.get("val/dice", 0.0)
+    if math.isnan(dice):
+        dice = 0.0
+        metrics["val/dice"] = 0.0
+    if dice > state.best_dice:
+        state.best_dice = dice
+        state.best_epoch = state.epoch + 1
+        state.best_eval_state = copy.deepcopy(_unwrapped(model).state_dict())
+    metrics["time/val_s"] = time.perf_counter() - started
+    return metrics
+
+
+def _test(cfg: ExperimentConfig, method: Method, data: PreparedData, state: LoopState, session: Session,
+          device: torch.device) -> dict[str, float]:
+    """Test metrics of the evaluation model at its best validation epoch."""
+    model = copy.deepcopy(_unwrapped(method.eval_model()))
+    if state.best_eval_state is not None:
+        model.load_state_dict(state.best_eval_state)
+    per_case = _evaluate_sharded(model, data.test, data, cfg, session, device)
+    return summarise_cases(per_case, "test")
+
+
+def _evaluate_sharded(model: torch.nn.Module, cases: list, data: PreparedData, cfg: ExperimentConfig,
+                      session: Session, device: torch.device) -> list[dict]:
+    """Each rank evaluates every ``world_size``-th case; rank results are gathered on all ranks."""
+    mine = cases[session.rank::session.world_size]
+    results = evaluate_cases(_unwrapped(model), mine, data.class_ids, cfg.data.dims, cfg.train.val_batch_size,
+                             device, cfg.train.amp)
+    if session.world_size > 1 and dist.is_initialized():
+        gathered: list[list[dict]] = [[] for _ in range(session.world_size)]
+        dist.all_gather_object(gathered, results)
+        results = [case for rank_results in gathered for case in rank_results]
+    return results
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def _report(session: Session, metrics: dict, method: Method, optimizers: dict[str, torch.optim.Optimizer],
+            scaler: torch.amp.GradScaler, state: LoopState) -> None:
+    clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+    if session.rank != 0:
+        session.report(clean, None)
+        return
+    with checkpoint_staging() as folder:
+        payload = {"method": method.state_dict(),
+                   "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                   "scaler": scaler.state_dict(),
+                   "loop": {"epoch": state.epoch, "step": state.step, "best_dice": state.best_dice,
+                            "best_epoch": state.best_epoch, "diverged": state.diverged,
+                            "history": state.history},
+                   "best_eval_state": state.best_eval_state}
+        tmp = folder / (CHECKPOINT_FILE + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, folder / CHECKPOINT_FILE)
+        session.report(clean, str(folder))
+
+
+def _load_checkpoint(folder: Path, method: Method, optimizers: dict[str, torch.optim.Optimizer],
+                     scaler: torch.amp.GradScaler) -> LoopState:
+    payload = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    method.load_state_dict(payload["method"])
+    for key, optimizer in optimizers.items():
+        optimizer.load_state_dict(payload["optimizers"][key])
+        for param_group in optimizer.param_groups:
+            param_group.setdefault("base_lr", param_group["lr"])
+    scaler.load_state_dict(payload["scaler"])
+    loop = payload["loop"]
+    return LoopState(epoch=loop["epoch"], step=loop["step"], best_dice=loop["best_dice"],
+                     best_epoch=loop["best_epoch"], best_eval_state=payload["best_eval_state"],
+                     diverged=loop["diverged"], history=list(loop["history"]))
