@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import nibabel as nib
@@ -121,6 +122,32 @@ def test_single_threshold_does_not_segment_the_structure(mri) -> None:
     assert max(best_dice) < 0.95
 
 
+def _largest_bright_blob_away_from_structure(image: np.ndarray, label: np.ndarray) -> int:
+    """Voxels in the largest blob >20% brighter than its bias-corrected surroundings, off the structure."""
+    inside = label.astype(bool)
+    ring = ndimage.binary_dilation(inside, np.ones((7, 7, 1), bool)) & ~inside
+    smooth = ndimage.uniform_filter(image, size=(3, 3, 1))
+    body = smooth > 0.5 * image[ring].mean()
+    weight = (body & ~ndimage.binary_dilation(inside, np.ones((5, 5, 1), bool))).astype(np.float32)
+    local = ndimage.gaussian_filter(image * weight, (10, 10, 0)) / np.maximum(
+        ndimage.gaussian_filter(weight, (10, 10, 0)), 1e-3)
+    far = ~ndimage.binary_dilation(inside, np.ones((9, 9, 3), bool))
+    core = ndimage.binary_erosion(body, np.ones((7, 7, 1), bool))
+    blobs, count = ndimage.label((smooth / np.maximum(local, 1e-3) > 1.2) & far & core)
+    return int(np.bincount(blobs.ravel())[1:].max()) if count else 0
+
+
+def test_bright_site_cases_contain_unlabelled_distractor_blobs(mri) -> None:
+    sites = phantom_sites(mri)
+    sizes = [
+        _largest_bright_blob_away_from_structure(case.image[0], case.label)
+        for case_id, case in _arrays(mri).items()
+        if case.label is not None and sites[case_id] == 0
+    ]
+    assert len(sizes) == 3
+    assert sum(size >= 30 for size in sizes) >= 2, f"too few distractors: {sizes}"
+
+
 def test_two_dimensional_mode(tmp_path: Path) -> None:
     layout = generate_phantom(tmp_path / "ds", num_training=3, num_test=1, shape=(32, 32, 1),
                               spacing=(0.5, 0.5, 1.0), seed=2)
@@ -146,15 +173,31 @@ def test_same_parameters_reuse_and_other_parameters_regenerate(tmp_path: Path) -
     root = tmp_path / "ds"
     generate_phantom(root, seed=4, **SMALL)
     image = root / "imagesTr" / "phantom_000_0000.nii.gz"
-    stamps = ((root / "dataset.json").stat().st_mtime_ns, image.stat().st_mtime_ns)
+    def stamps() -> tuple[int, int, int]:
+        return ((root / "dataset.json").stat().st_mtime_ns, image.stat().st_mtime_ns, image.stat().st_ino)
+
+    first = stamps()
     before = load_case(read_layout(root).training[0]).image
     generate_phantom(root, seed=4, **SMALL)
-    assert ((root / "dataset.json").stat().st_mtime_ns, image.stat().st_mtime_ns) == stamps
+    assert stamps() == first
     layout = generate_phantom(root, seed=5, **SMALL)
     meta = json.loads((root / "dataset.json").read_text())
     assert meta["semiseg_phantom"]["params"]["seed"] == 5
     assert not np.array_equal(load_case(layout.training[0]).image, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"], "temporary folders left behind"
+
+
+def _generate_small(root: str) -> list[str]:
+    return list(generate_phantom(root, seed=6, **SMALL).labelled_ids)
+
+
+def test_concurrent_generation_of_the_same_phantom(tmp_path: Path) -> None:
+    root = str(tmp_path / "shared")
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        results = pool.map(_generate_small, [root] * 3)
+    assert results == [[f"phantom_{k:03d}" for k in range(6)]] * 3
+    validate_layout(read_layout(root))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"], "temporary folders left behind"
 
 
 def test_incomplete_phantom_is_regenerated(tmp_path: Path) -> None:

@@ -42,6 +42,10 @@ class DatasetError(Exception):
         """
         return cls([(str(path), message)])
 
+    def __reduce__(self) -> tuple[type[DatasetError], tuple[list[tuple[str, str]]]]:
+        """Pickle by problems, so the error survives crossing process boundaries (Ray)."""
+        return (type(self), (self.problems,))
+
     def _render(self) -> str:
         return "\n".join(f"{path}: {message}" for path, message in self.problems)
 

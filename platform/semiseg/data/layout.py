@@ -174,7 +174,7 @@ def read_layout(root: str | os.PathLike[str]) -> DatasetLayout:
     file_ending = _parse_file_ending(root / "dataset.json", meta, problems)
     num_channels = len(channel_names) or None
     training = _scan_training(root, file_ending, num_channels, problems)
-    test = _scan_images(root / "imagesTs", file_ending, num_channels, problems, required=False)
+    test, _ = _scan_images(root / "imagesTs", file_ending, num_channels, problems, required=False)
     if problems:
         raise DatasetError(problems)
     return DatasetLayout(
@@ -256,14 +256,14 @@ def _parse_file_ending(path: Path, meta: Mapping[str, Any], problems: Problems) 
 def _scan_training(
     root: Path, file_ending: str, num_channels: int | None, problems: Problems
 ) -> dict[str, tuple[tuple[Path, ...], Path | None]]:
-    images = _scan_images(root / "imagesTr", file_ending, num_channels, problems, required=True)
+    images, seen = _scan_images(root / "imagesTr", file_ending, num_channels, problems, required=True)
     labels = _list_files(root / "labelsTr", file_ending)
     for case_id, label_path in sorted(labels.items()):
-        if case_id not in images and (root / "imagesTr").is_dir():
+        if case_id not in seen and (root / "imagesTr").is_dir():
             problems.append(
                 (str(label_path), f"label file has no image: expected imagesTr/{case_id}_0000{file_ending}")
             )
-    if (root / "imagesTr").is_dir() and not images:
+    if (root / "imagesTr").is_dir() and not seen:
         problems.append(
             (str(root / "imagesTr"), f"no training cases found (expected files like CASE_0000{file_ending})")
         )
@@ -272,18 +272,22 @@ def _scan_training(
 
 def _scan_images(
     folder: Path, file_ending: str, num_channels: int | None, problems: Problems, *, required: bool
-) -> dict[str, tuple[Path, ...]]:
-    """Group a folder's image files by case; ``num_channels=None`` infers it from the files."""
+) -> tuple[dict[str, tuple[Path, ...]], set[str]]:
+    """Group a folder's image files by case: complete cases, and ids of all cases seen.
+
+    ``num_channels=None`` infers the channel count from the files.
+    """
     if not folder.is_dir():
         if required:
             problems.append((str(folder), f"{folder.name} folder is missing"))
-        return {}
+        return {}, set()
     by_case: dict[str, dict[int, Path]] = {}
     for stem, path in _list_files(folder, file_ending).items():
         match = _CHANNEL_RE.match(stem)
         if match is None:
             problems.append(
-                (str(path), f"image name must end with a 4-digit channel index, e.g. {stem}_0000{file_ending}")
+                (str(path), "image name must end with a 4-digit channel index, "
+                 f"e.g. {stem}_0000{file_ending}")
             )
             continue
         by_case.setdefault(match["case"], {})[int(match["channel"])] = path
@@ -294,7 +298,7 @@ def _scan_images(
         paths = _case_channels(folder, case_id, by_case[case_id], file_ending, num_channels, problems)
         if paths is not None:
             cases[case_id] = paths
-    return cases
+    return cases, set(by_case)
 
 
 def _case_channels(
@@ -401,7 +405,9 @@ def _read_volume(path: Path, problems: Problems) -> _Volume | None:
         zooms = tuple(float(z) for z in img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)
     except EOFError:
-        problems.append((str(path), "file is truncated (compressed data ends early); re-copy or re-export it"))
+        problems.append(
+            (str(path), "file is truncated (compressed data ends early); re-copy or re-export it")
+        )
         return None
     except (nib.filebasedimages.ImageFileError, OSError, zlib.error, ValueError, TypeError) as exc:
         problems.append((str(path), f"not a readable NIfTI file (corrupt or wrong format): {exc}"))
@@ -426,7 +432,8 @@ def _check_finite(path: Path, data: np.ndarray, problems: Problems) -> None:
 def _check_not_constant(path: Path, data: np.ndarray, problems: Problems) -> None:
     if data.size and np.all(data == data.flat[0]):
         problems.append(
-            (str(path), f"constant image (every voxel is {data.flat[0]:g}), intensity normalisation would divide by zero")
+            (str(path), f"constant image (every voxel is {data.flat[0]:g}), "
+             "intensity normalisation would divide by zero")
         )
 
 
@@ -440,7 +447,8 @@ def _check_channels_agree(
     for path, vol in pairs[1:]:
         if vol.data.shape != ref.data.shape:
             problems.append(
-                (str(path), f"channel shape {vol.data.shape} differs from {ref_path.name} shape {ref.data.shape}")
+                (str(path), f"channel shape {vol.data.shape} differs from "
+                 f"{ref_path.name} shape {ref.data.shape}")
             )
         elif not np.allclose(vol.affine, ref.affine, atol=AFFINE_ATOL):
             problems.append((str(path), f"channel affine differs from {ref_path.name} affine"))

@@ -110,7 +110,7 @@ def generate_phantom(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        _write_phantom(tmp, root.name, params)
+        _write_phantom(tmp, params)
         _install(tmp, root, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,21 +205,32 @@ def _matching_phantom(root: Path, params: dict[str, Any]) -> DatasetLayout | Non
 
 
 def _install(tmp: Path, root: Path, params: dict[str, Any]) -> None:
-    """Move the generated dataset ``tmp`` to ``root``, replacing a stale phantom."""
-    if root.is_dir() and not any(root.iterdir()):
-        root.rmdir()
-    trash = None
-    if root.exists():
-        trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex}"
-        os.rename(root, trash)
+    """Move the generated dataset ``tmp`` to ``root``, replacing a stale phantom.
+
+    When another process installs the same phantom first, its copy is kept (and
+    never deleted under the feet of a process already using it).
+    """
+    if _matching_phantom(root, params) is not None:
+        return
+    _discard(root)
     try:
         os.rename(tmp, root)
     except OSError:
         if _matching_phantom(root, params) is None:
             raise
-    finally:
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _discard(root: Path) -> None:
+    """Remove an empty folder or a stale phantom at ``root`` (renamed away first, then deleted)."""
+    try:
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+            return
+        trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex}"
+        os.rename(root, trash)
+    except OSError:
+        return  # another process removed or replaced it first
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- writing
@@ -230,7 +241,7 @@ def _case_ids(prefix: str, count: int) -> list[str]:
     return [f"{prefix}{k:0{width}d}" for k in range(count)]
 
 
-def _write_phantom(folder: Path, name: str, params: dict[str, Any]) -> None:
+def _write_phantom(folder: Path, params: dict[str, Any]) -> None:
     shape = tuple(params["shape"])
     spacing = tuple(params["spacing"])
     train_rng, test_rng = np.random.default_rng(params["seed"]).spawn(2)
@@ -246,7 +257,7 @@ def _write_phantom(folder: Path, name: str, params: dict[str, Any]) -> None:
             sites[case_id] = site
     write_dataset_json(
         folder,
-        name=f"Phantom_{name}",
+        name=f"semiseg_phantom_seed{params['seed']}",
         channel_names=_channel_names(params["num_channels"]),
         labels=LABELS,
         num_training=params["num_training"],
@@ -336,21 +347,29 @@ def _sample_structure(rng: np.random.Generator, flat: bool) -> _Blob:
 
 
 def _sample_distractors(rng: np.random.Generator, structure: _Blob, flat: bool) -> list[_Blob]:
+    """One or two small blobs inside the body, kept clear of the structure and of each other."""
     blobs: list[_Blob] = []
-    reach = max(structure.radii[:2]) * 1.25
+    keep_out = [(structure.centre[0], structure.centre[1], max(structure.radii[:2]) * 1.25)]
     for _ in range(int(rng.integers(1, 3))):
-        for _attempt in range(50):
-            radius = rng.uniform(0.07, 0.14)
-            r, phi = np.sqrt(rng.uniform(0.0, 1.0)) * 0.55, rng.uniform(0.0, 2 * np.pi)
-            cu, cv = r * np.cos(phi), r * np.sin(phi)
-            others = [structure.centre[:2] + (reach,)] + [b.centre[:2] + (b.radii[0] * 1.2,) for b in blobs]
-            if all(np.hypot(cu - ou, cv - ov) > radius * 1.2 + orad + 0.1 for ou, ov, orad in others):
-                radii = (radius, radius * rng.uniform(0.7, 1.3), rng.uniform(0.3, 0.8))
-                centre_w = 0.0 if flat else rng.uniform(-0.5, 0.5)
-                blobs.append(_Blob((cu, cv, centre_w), radii, rng.uniform(0, np.pi),
-                                   _random_harmonics(rng, 0.05)))
-                break
+        blob = _place_distractor(rng, keep_out, flat)
+        if blob is not None:
+            blobs.append(blob)
+            keep_out.append((blob.centre[0], blob.centre[1], max(blob.radii[:2]) * 1.2))
     return blobs
+
+
+def _place_distractor(
+    rng: np.random.Generator, keep_out: list[tuple[float, float, float]], flat: bool
+) -> _Blob | None:
+    for _attempt in range(50):
+        radius = rng.uniform(0.07, 0.14)
+        r, phi = np.sqrt(rng.uniform(0.0, 1.0)) * 0.55, rng.uniform(0.0, 2 * np.pi)
+        cu, cv = r * np.cos(phi), r * np.sin(phi)
+        if all(np.hypot(cu - ou, cv - ov) > radius * 1.2 + reach + 0.1 for ou, ov, reach in keep_out):
+            radii = (radius, radius * rng.uniform(0.7, 1.3), rng.uniform(0.3, 0.8))
+            centre_w = 0.0 if flat else rng.uniform(-0.5, 0.5)
+            return _Blob((cu, cv, centre_w), radii, rng.uniform(0, np.pi), _random_harmonics(rng, 0.05))
+    return None
 
 
 def _blob_mask(blob: _Blob, grid: _Grid) -> np.ndarray:

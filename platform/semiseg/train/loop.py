@@ -29,11 +29,13 @@ from semiseg.data.source import resolve_dataset
 from semiseg.methods import BuildContext, Method, Progress, build_method
 from semiseg.schedules import lr_factor
 from semiseg.train.evaluate import evaluate_cases, summarise_cases
+from semiseg.tune.space import SEARCH_PREFIX
 from semiseg.train.session import LocalSession, Session, TrainSession, TuneSession, checkpoint_staging
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
 TUNE_KEYS_PREFIX = "_"
+VARIANT_KEY = "_variant"
 
 
 @dataclass
@@ -49,9 +51,21 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
 
+def expand_trial_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's flat dotted-key config: fixed variants (``_variant``) merged in.
+
+    Baseline phases grid over whole configurations stored under ``_variant``; searched
+    trials carry their keys at the top level.
+    """
+    flat = dict(config)
+    flat.update(flat.pop(VARIANT_KEY, None) or {})
+    return flat
+
+
 def config_from_trial(config: Mapping[str, Any]) -> ExperimentConfig:
-    """Build the typed config from a trial's flat dict, ignoring Tune/runner private keys."""
-    return ExperimentConfig.from_flat({k: v for k, v in config.items() if not k.startswith(TUNE_KEYS_PREFIX)})
+    """Build the typed config from a trial's dict, ignoring Tune/runner private keys."""
+    return ExperimentConfig.from_flat({k: v for k, v in expand_trial_config(config).items()
+                                       if not k.startswith(TUNE_KEYS_PREFIX) and k != SEARCH_PREFIX})
 
 
 def train_loop_per_worker(config: dict) -> None:

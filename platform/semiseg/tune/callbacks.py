@@ -1,0 +1,96 @@
+"""Ray Tune callbacks of a study: one MLflow child run per trial, logged from the driver."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune import Callback
+
+from semiseg.train.loop import expand_trial_config
+from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, TAG_STATUS, TAG_TRIAL_ID,
+                              Tracker, flatten_for_params, loggable_metrics, trial_tags)
+
+STATUS_COMPLETED = "completed"
+STATUS_STOPPED = "stopped_early"
+STATUS_DIVERGED = "diverged"
+STATUS_ERROR = "error"
+
+
+class MlflowTrialCallback(Callback):
+    """Opens (or, on resume, reopens) a child run per trial and logs every epoch to it.
+
+    Args:
+        tracker: the guarded MLflow client.
+        experiment_id: the study's experiment.
+        parent_run_id: the study's parent run.
+        study: study name (tag).
+        phase: ``search`` or ``baseline`` (tag).
+        dataset: dataset name (tag).
+        max_epochs: epochs of a full trial, to tell completed from stopped trials.
+    """
+
+    def __init__(self, tracker: Tracker, experiment_id: str | None, parent_run_id: str | None, study: str,
+                 phase: str, dataset: str, max_epochs: int) -> None:
+        self.tracker = tracker
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.study = study
+        self.phase = phase
+        self.dataset = dataset
+        self.max_epochs = max_epochs
+        self.run_ids: dict[str, str] = {}
+        self.last_epoch: dict[str, int] = {}
+        self.diverged: set[str] = set()
+
+    def _run_for(self, trial: Any) -> str | None:
+        if trial.trial_id in self.run_ids:
+            return self.run_ids[trial.trial_id]
+        if self.experiment_id is None:
+            return None
+        run_id = self.tracker.find_run(self.experiment_id, {TAG_TRIAL_ID: trial.trial_id,
+                                                            "semiseg.phase": self.phase})
+        if run_id is None:
+            config = expand_trial_config(trial.config)
+            tags = trial_tags(self.study, str(config.get("method.name", "?")), trial.trial_id, self.phase,
+                              self.parent_run_id, self.dataset)
+            run_id = self.tracker.start_run(self.experiment_id, f"{self.phase}-{trial.trial_id}", tags)
+            if run_id is not None:
+                self.tracker.log_params(run_id, flatten_for_params(config))
+                self.tracker.log_json(run_id, flatten_for_params(config), CONFIG_ARTIFACT)
+        if run_id is not None:
+            self.run_ids[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        """Open the trial's child run."""
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
+        """Log the epoch's metrics at step = epoch."""
+        run_id = self._run_for(trial)
+        epoch = int(result.get(METRIC_EPOCH, 0))
+        self.last_epoch[trial.trial_id] = epoch
+        if result.get(METRIC_DIVERGED):
+            self.diverged.add(trial.trial_id)
+        if run_id is not None:
+            self.tracker.log_metrics(run_id, loggable_metrics(result), step=epoch)
+
+    def trial_status(self, trial_id: str) -> str:
+        """completed, stopped_early or diverged, from what the trial reported."""
+        if trial_id in self.diverged:
+            return STATUS_DIVERGED
+        return STATUS_COMPLETED if self.last_epoch.get(trial_id, 0) >= self.max_epochs else STATUS_STOPPED
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        """Close the run: FINISHED, with a status tag saying how the trial ended."""
+        run_id = self._run_for(trial)
+        if run_id is not None:
+            self.tracker.set_tags(run_id, {TAG_STATUS: self.trial_status(trial.trial_id)})
+            self.tracker.end_run(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        """Close the run as FAILED."""
+        run_id = self._run_for(trial)
+        if run_id is not None:
+            self.tracker.set_tags(run_id, {TAG_STATUS: STATUS_ERROR})
+            self.tracker.end_run(run_id, "FAILED")

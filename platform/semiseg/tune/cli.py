@@ -1,0 +1,83 @@
+"""The command line shared by every study script."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from semiseg.config import ConfigError, parse_override
+
+
+@dataclass(frozen=True)
+class StudyArgs:
+    """Parsed command line of a study."""
+
+    dataset: str
+    num_samples: int | None
+    max_epochs: int | None
+    workers_per_trial: int
+    gpus_per_worker: float
+    cpus_per_worker: int
+    max_concurrent: int | None
+    tracking_uri: str | None
+    storage_path: Path
+    resume: bool
+    smoke: bool
+    seed: int
+    address: str | None
+    overrides: tuple[tuple[str, str], ...]
+    skip_baselines: bool
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The shared study CLI (``--dataset``, ``--num-samples``, ... ``--set key=value``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default="phantom",
+                        help="'phantom' (generated) or the path of a dataset in the nnU-Net raw layout")
+    parser.add_argument("--num-samples", type=int, default=None, help="searched trials (study default if unset)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (study default if unset)")
+    parser.add_argument("--workers-per-trial", type=int, default=1,
+                        help="1: the loop runs inside the trial; >1: Ray Train DDP workers per trial")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="GPUs per worker; fractions share a GPU between trials (e.g. 0.25)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1, help="CPU threads per worker")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at once (default: as many as the cluster's resources allow)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow URI (default: sqlite:///<storage-path>/mlflow.db); http:// servers work")
+    parser.add_argument("--storage-path", default="runs",
+                        help="folder (or cloud URI prefix on a cluster) for results, checkpoints and stores")
+    parser.add_argument("--resume", action="store_true", help="continue the last run of this study")
+    parser.add_argument("--smoke", action="store_true", help="a tiny version of the study (minutes on a laptop)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler, the split and the trials")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, as set by `ray job submit`, else local)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--skip-baselines", action="store_true", help="run the search only")
+    return parser
+
+
+def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> StudyArgs:
+    """Parse ``argv``; exits with status 2 and a usage line on bad arguments."""
+    parser = build_parser(prog, description)
+    ns = parser.parse_args(argv)
+    try:
+        overrides = tuple(parse_override(text) for text in ns.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    for flag, value in (("--num-samples", ns.num_samples), ("--max-epochs", ns.max_epochs),
+                        ("--max-concurrent", ns.max_concurrent)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1")
+    if ns.workers_per_trial < 1 or ns.cpus_per_worker < 1 or ns.gpus_per_worker < 0:
+        parser.error("--workers-per-trial and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
+    return StudyArgs(dataset=ns.dataset, num_samples=ns.num_samples, max_epochs=ns.max_epochs,
+                     workers_per_trial=ns.workers_per_trial, gpus_per_worker=ns.gpus_per_worker,
+                     cpus_per_worker=ns.cpus_per_worker, max_concurrent=ns.max_concurrent,
+                     tracking_uri=ns.tracking_uri, storage_path=Path(ns.storage_path).expanduser().resolve(),
+                     resume=ns.resume, smoke=ns.smoke, seed=ns.seed, address=ns.address,
+                     overrides=overrides, skip_baselines=ns.skip_baselines)

@@ -1,0 +1,99 @@
+"""Rows and tables of a finished study, from Ray Tune's results."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from semiseg.train.loop import expand_trial_config
+from semiseg.tracking import METRIC_DIVERGED, METRIC_EPOCH, METRIC_TEST_DICE, METRIC_VAL_DICE
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """What a study reports of one trial."""
+
+    trial_id: str
+    phase: str
+    method: str
+    params: dict[str, Any]
+    epochs: int
+    best_val_dice: float
+    best_epoch: int
+    test_dice: float
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def trial_status(epochs: int, max_epochs: int, diverged: bool, error: bool) -> str:
+    """``error``, ``diverged``, ``completed`` or ``stopped_early`` (by ASHA)."""
+    if error:
+        return "error"
+    if diverged:
+        return "diverged"
+    return "completed" if epochs >= max_epochs else "stopped_early"
+
+
+def rows_from_results(results: Iterable[Any], phase: str, searched_keys: Sequence[str],
+                      max_epochs: int) -> list[TrialRow]:
+    """Build rows from a Ray ``ResultGrid`` (one ``Result`` per trial)."""
+    rows = []
+    for result in results:
+        config = expand_trial_config(result.config or {})
+        metrics = result.metrics or {}
+        history = result.metrics_dataframe
+        best_val = float("nan")
+        best_epoch = 0
+        if history is not None and METRIC_VAL_DICE in history:
+            values = history[METRIC_VAL_DICE].astype(float)
+            if values.notna().any():
+                position = int(values.idxmax())
+                best_val = float(values[position])
+                best_epoch = int(history[METRIC_EPOCH][position]) if METRIC_EPOCH in history else position + 1
+        epochs = int(metrics.get(METRIC_EPOCH, 0) or 0)
+        rows.append(TrialRow(
+            trial_id=str(metrics.get("trial_id") or getattr(result, "path", "?")).rsplit("/", 1)[-1],
+            phase=phase, method=str(config.get("method.name", "?")),
+            params={k: config.get(k) for k in searched_keys if k in config},
+            epochs=epochs, best_val_dice=best_val, best_epoch=best_epoch,
+            test_dice=float(metrics.get(METRIC_TEST_DICE, float("nan"))),
+            status=trial_status(epochs, max_epochs, bool(metrics.get(METRIC_DIVERGED)), result.error is not None),
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k}))
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e3 else f"{value:.4f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[TrialRow], searched_keys: Sequence[str]) -> str:
+    """A fixed-width table: one line per trial, best validation Dice first."""
+    headers = ["phase", "trial", "method", *searched_keys, "epochs", "best val/dice", "@epoch",
+               "test/dice", "status"]
+    ordered = sorted(rows, key=lambda r: (-(r.best_val_dice if not math.isnan(r.best_val_dice) else -1)))
+    lines = [[r.phase, r.trial_id, r.method, *[_fmt(r.params.get(k, "")) for k in searched_keys],
+              str(r.epochs), _fmt(r.best_val_dice), str(r.best_epoch), _fmt(r.test_dice), r.status]
+             for r in ordered]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([render(headers), render(["-" * w for w in widths]), *map(render, lines)])
+
+
+def best_row(rows: Sequence[TrialRow]) -> TrialRow | None:
+    """The row with the highest best validation Dice (NaN rows ignored)."""
+    valid = [r for r in rows if not math.isnan(r.best_val_dice)]
+    return max(valid, key=lambda r: r.best_val_dice) if valid else None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the finite values; NaN if none."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    mean = sum(finite) / len(finite)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))

@@ -1,0 +1,60 @@
+"""Optuna search that tells Optuna the truth about trials ASHA stopped.
+
+Ray's ``OptunaSearch`` reports intermediate values at Tune's ``training_iteration``
+(which restarts after a retry) and tells Optuna that a trial stopped by ASHA is
+COMPLETE with its truncated score. Here intermediate values are reported at the
+trial's own ``epoch`` counter, and a trial that ended before ``max_epochs`` without an
+error is told as PRUNED (Optuna then keeps its intermediate values, and TPE does not
+treat an early score as a final one). A diverged trial is told as FAIL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from semiseg.tracking import METRIC_DIVERGED, METRIC_EPOCH
+
+
+class EpochAwareOptunaSearch(OptunaSearch):
+    """:class:`OptunaSearch` with epoch steps and honest PRUNED/FAIL states.
+
+    Args:
+        max_epochs: epochs of a full trial.
+        **kwargs: passed to :class:`OptunaSearch`.
+    """
+
+    def __init__(self, *, max_epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_epochs = max_epochs
+        self._reported_steps: dict[str, set[int]] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Report the metric to Optuna at step = epoch, once per epoch."""
+        if trial_id in self._completed_trials or self.metric not in result:
+            return
+        epoch = int(result.get(METRIC_EPOCH, 0))
+        seen = self._reported_steps.setdefault(trial_id, set())
+        if epoch in seen:
+            return
+        seen.add(epoch)
+        self._ot_trials[trial_id].report(float(result[self.metric]), epoch)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Tell Optuna COMPLETE, PRUNED (stopped early) or FAIL (error or diverged)."""
+        import optuna
+
+        if trial_id in self._completed_trials:
+            return
+        trial = self._ot_trials[trial_id]
+        value = None if not result else result.get(self.metric)
+        if error or value is None or (result and result.get(METRIC_DIVERGED)):
+            state, value = optuna.trial.TrialState.FAIL, None
+        elif int(result.get(METRIC_EPOCH, 0)) < self.max_epochs:
+            state, value = optuna.trial.TrialState.PRUNED, None
+        else:
+            state = optuna.trial.TrialState.COMPLETE
+        self._ot_study.tell(trial, value, state=state)
+        self._completed_trials.add(trial_id)
+        self._reported_steps.pop(trial_id, None)

@@ -1,0 +1,49 @@
+"""The function each Tune trial runs: the loop in-process, or a Ray Train DDP run."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ray import tune
+
+from semiseg.train.loop import train_loop_per_worker, tune_trial
+
+STORAGE_KEY = "_storage_path"
+
+
+def make_trainable(workers_per_trial: int, cpus_per_worker: int, gpus_per_worker: float,
+                   max_failures: int = 2) -> Callable[[dict], None] | Any:
+    """The trainable of a study, with its resource request.
+
+    One worker: :func:`semiseg.train.loop.tune_trial` runs inside the trial process
+    (no worker group to start; it asks for the worker's CPUs and GPU fraction).
+    Several workers: a small driver builds a ``TorchTrainer`` (DDP; gloo on CPU, nccl on
+    GPU) named after the trial, so a retried trial resumes from the Train run's latest
+    checkpoint, and forwards rank 0's reports to Tune.
+    """
+    if workers_per_trial == 1:
+        resources = {"cpu": cpus_per_worker, "gpu": gpus_per_worker}
+        return tune.with_resources(tune_trial, resources)
+
+    def ddp_trial(config: dict) -> None:
+        import ray.train
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        trial_id = tune.get_context().get_trial_id()
+        resources = {"CPU": cpus_per_worker}
+        if gpus_per_worker > 0:
+            resources["GPU"] = gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config,
+            torch_config=TorchConfig(backend="nccl" if gpus_per_worker > 0 else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers_per_trial, use_gpu=gpus_per_worker > 0,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(name=f"ddp-{trial_id}", storage_path=config[STORAGE_KEY],
+                                           callbacks=[TuneReportCallback()],
+                                           failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+        )
+        trainer.fit()
+
+    return tune.with_resources(ddp_trial, {"cpu": 0})

@@ -1,0 +1,35 @@
+"""Mean Teacher EMA-decay study (Perone & Cohen-Adad 2018).
+
+Searches the teacher's EMA decay α on a log scale of 1 − α (0.9 … 0.9999) with Optuna's
+TPE and ASHA, then trains the supervised baseline on the same labelled cases.
+
+    python studies/ema_sweep.py                 # embedded phantom, local Ray
+    python studies/ema_sweep.py --smoke         # a few minutes
+    ray job submit --working-dir . -- python studies/ema_sweep.py --storage-path /shared/runs
+"""
+
+from semiseg.tune import Study, run_study
+from semiseg.tune.presets import SMOKE
+from semiseg.tune.space import method_space
+
+STUDY = Study(
+    name="ema_sweep",
+    description="Mean Teacher: sensitivity of Dice to the teacher's EMA decay",
+    base={"method.name": "mean_teacher"},
+    search_space=method_space("mean_teacher", ["ema_decay"]),
+    baselines=({"method.name": "supervised"},),
+    num_samples=10,
+    max_epochs=30,
+    grace_period=8,
+    startup_trials=4,
+    smoke=SMOKE,
+)
+
+
+def main() -> None:
+    """Run the study with the shared command line."""
+    run_study(STUDY)
+
+
+if __name__ == "__main__":
+    main()
