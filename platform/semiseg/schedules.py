@@ -68,7 +68,7 @@ def lr_factor(epoch: float, max_epochs: float, warmup_epochs: float, schedule: s
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {schedule!r}; use constant or cosine")
     if warmup_epochs > 0 and epoch < warmup_epochs:
-        return (epoch + 1e-3) / warmup_epochs
+        return max(epoch / warmup_epochs, 1e-3)
     if schedule == "constant":
         return 1.0
     span = max(max_epochs - warmup_epochs, 1e-9)

@@ -51,6 +51,13 @@ class HParam:
         return self.choices is not None or (self.low is not None and self.high is not None)
 
 
+COMMON_HPARAMS: dict[str, HParam] = {
+    "pretrain_epochs": HParam(0, low=0, high=30,
+                              help="epochs of supervised (or the method's own pretext) pretraining before the "
+                                   "semi-supervised stage, inside the same trial (Bortsova reproduction: 0, 25, 120)"),
+}
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where training is: global step and fractional epoch.
@@ -75,10 +82,13 @@ class StepOutput:
             segmenter; e.g. ``discriminator`` for an adversarial method).
         logs: floats or scalar tensors to record (``loss_sup``, ``loss_cons``,
             ``cons_weight``...), without the ``train/`` prefix.
+        unsupervised: the method's unsupervised term, still attached to the graph and
+            unweighted, so tests can check which networks it trains.
     """
 
     objectives: dict[str, torch.Tensor]
     logs: dict[str, Any] = field(default_factory=dict)
+    unsupervised: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ class Method:
     name: ClassVar[str] = ""
     hparams: ClassVar[dict[str, HParam]] = {}
     uses_unlabelled: ClassVar[bool] = True
+    segmenters: ClassVar[tuple[str, ...]] = ("student",)
 
     def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
         self.context = context
@@ -133,6 +144,22 @@ class Method:
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Return the losses of one step on ``batch`` (keys ``image_l``, ``label_l``, ``image_u``)."""
         raise NotImplementedError
+
+    def pretrain_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """One step of the pretraining stage (``method.pretrain_epochs`` > 0).
+
+        By default: the supervised loss of every trained segmenter on the augmented
+        labelled batch. A method with another pretext (contrastive pretraining) overrides it.
+        """
+        from semiseg.methods.supervised import augmented_supervised_loss
+
+        losses = [augmented_supervised_loss(self, network, batch["image_l"], batch["label_l"])
+                  for key, network in self.trained.items() if key in self.segmenters]
+        loss = sum(losses) / len(losses)
+        return StepOutput(objectives={"main": loss}, logs={"loss_sup": loss.detach()})
+
+    def begin_semi_supervised(self) -> None:
+        """Hook when the semi-supervised stage starts after pretraining (e.g. reset an EMA teacher)."""
 
     def after_step(self, progress: Progress) -> None:
         """Hook after the optimiser step (EMA updates); nothing by default."""

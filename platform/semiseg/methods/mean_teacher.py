@@ -79,15 +79,23 @@ class MeanTeacher(Method):
         weight = self.cons_weight(progress, float(self.params["consistency"]))
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
-                                "cons_weight": weight})
+                                "cons_weight": weight},
+                          unsupervised=loss_cons)
+
+    def begin_semi_supervised(self) -> None:
+        """After pretraining, the teacher starts as a copy of the pretrained student."""
+        self._updater().update(0.0)
+
+    def _updater(self) -> EmaUpdater:
+        if self._ema is None:
+            self._ema = EmaUpdater(self.frozen["teacher"], self.trained["student"])
+        return self._ema
 
     def after_step(self, progress: Progress) -> None:
         """EMA update of the teacher with the scheduled decay."""
-        if self._ema is None:
-            self._ema = EmaUpdater(self.frozen["teacher"], self.trained["student"])
-        decay = ema_decay_at(progress.step, progress.epoch, float(self.params["ema_decay"]),
+        decay = ema_decay_at(progress.step, progress.stage_epoch, float(self.params["ema_decay"]),
                              float(self.params["ema_decay_late"]), float(self.params["ema_switch_epoch"]))
-        self._ema.update(decay)
+        self._updater().update(decay)
 
     def eval_model(self) -> torch.nn.Module:
         """The teacher (the EMA model is the one the paper evaluates)."""

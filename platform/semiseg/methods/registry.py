@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 from typing import Any, Mapping
 
-from semiseg.methods.base import BuildContext, HParam, Method
+from semiseg.methods.base import COMMON_HPARAMS, BuildContext, HParam, Method
 
 _NOT_METHODS = {"base", "registry", "components"}
 METHODS: dict[str, type[Method]] = {}
@@ -51,8 +51,8 @@ def get_method(name: str) -> type[Method]:
 
 
 def method_hparams(name: str) -> dict[str, HParam]:
-    """Declared hyperparameters of a method."""
-    return dict(get_method(name).hparams)
+    """Declared hyperparameters of a method, including those every method has (``pretrain_epochs``)."""
+    return {**COMMON_HPARAMS, **get_method(name).hparams}
 
 
 def method_defaults(name: str) -> dict[str, Any]:
@@ -68,9 +68,10 @@ def build_method(name: str, context: BuildContext, params: Mapping[str, Any]) ->
         ValueError: a parameter the method does not declare.
     """
     cls = get_method(name)
-    unknown = set(params) - set(cls.hparams) - {"name"}
+    declared = method_hparams(name)
+    unknown = set(params) - set(declared) - {"name"}
     if unknown:
         raise ValueError(f"method {name!r} has no hyperparameter(s) {sorted(unknown)}; "
-                         f"it has {sorted(cls.hparams)}")
+                         f"it has {sorted(declared)}")
     merged = {**method_defaults(name), **{k: v for k, v in params.items() if k != "name"}}
     return cls(context, merged)

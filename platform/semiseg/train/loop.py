@@ -185,15 +185,22 @@ def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, to
     sums: dict[str, float] = {}
     started = time.perf_counter()
     amp = cfg.train.amp and device.type == "cuda"
+    pretrain_epochs = int(cfg.method.get("pretrain_epochs", 0))
+    pretraining = state.epoch < pretrain_epochs
+    if pretrain_epochs > 0 and state.epoch == pretrain_epochs:
+        method.begin_semi_supervised()
+    step_fn = method.pretrain_step if pretraining else method.training_step
     for index, batch in enumerate(sampler.epoch(state.epoch, steps, device)):
         epoch = state.epoch + index / steps
         factor = lr_factor(epoch, cfg.train.max_epochs, cfg.optim.warmup_epochs, cfg.optim.lr_schedule)
         for optimizer in optimizers.values():
             for param_group in optimizer.param_groups:
                 param_group["lr"] = param_group["base_lr"] * factor
-        progress = Progress(step=state.step, epoch=epoch, max_epochs=cfg.train.max_epochs, stage_epoch=epoch)
+        progress = Progress(step=state.step, epoch=epoch, max_epochs=cfg.train.max_epochs,
+                            stage_epoch=max(0.0, epoch - pretrain_epochs),
+                            stage="pretrain" if pretraining else "semi")
         with torch.autocast(device.type, enabled=amp):
-            output = method.training_step(batch, progress)
+            output = step_fn(batch, progress)
         total = sum(output.objectives.values())
         if not torch.isfinite(total.detach()):
             log.warning("non-finite loss at epoch %.2f: the trial ends as diverged", epoch)
@@ -211,6 +218,7 @@ def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, to
     metrics = {f"train/{key}": value for key, value in means.items()}
     metrics["train/lr"] = cfg.optim.lr * lr_factor(state.epoch + 1, cfg.train.max_epochs,
                                                    cfg.optim.warmup_epochs, cfg.optim.lr_schedule)
+    metrics["train/pretraining"] = float(pretraining)
     metrics["time/train_s"] = time.perf_counter() - started
     return metrics
 
@@ -290,6 +298,7 @@ def _report(session: Session, metrics: dict, method: Method, optimizers: dict[st
         payload = {"method": method.state_dict(),
                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                    "scaler": scaler.state_dict(),
+                   "torch_rng": torch.get_rng_state(),
                    "loop": {"epoch": state.epoch, "step": state.step, "best_dice": state.best_dice,
                             "best_epoch": state.best_epoch, "diverged": state.diverged,
                             "history": state.history},
@@ -309,6 +318,7 @@ def _load_checkpoint(folder: Path, method: Method, optimizers: dict[str, torch.o
         for param_group in optimizer.param_groups:
             param_group.setdefault("base_lr", param_group["lr"])
     scaler.load_state_dict(payload["scaler"])
+    torch.set_rng_state(payload["torch_rng"])
     loop = payload["loop"]
     return LoopState(epoch=loop["epoch"], step=loop["step"], best_dice=loop["best_dice"],
                      best_epoch=loop["best_epoch"], best_eval_state=payload["best_eval_state"],

@@ -1,0 +1,85 @@
+"""Adversarial semi-supervised segmentation (Zhang et al., MICCAI 2017).
+
+"Deep adversarial networks for biomedical image segmentation utilizing unannotated
+images": a segmentation network (SN) and an evaluation network (EN, here
+:class:`semiseg.components.discriminator.Discriminator`) that scores
+``concat(image, softmax)``.
+
+- Discriminator loss (``discriminator`` objective): BCE with segmentations of labelled
+  images → 1 and of unlabelled images → 0, on *detached* segmenter outputs.
+- Segmenter loss (``main`` objective): Dice + CE on the labelled images plus the
+  adversarial term, BCE of the discriminator's score on unlabelled segmentations against
+  1 ("look like the segmentation of an annotated image"), weighted by
+  ``adversarial_weight`` times the configured ramp-up.
+- Both networks see the same augmented batch (affine + intensity).
+
+Which network each loss trains: the ``main`` objective trains the segmenter only (its
+gradient flows *through* the discriminator, but the loop back-propagates each objective
+into its own optimiser group: ``backward(inputs=segmenter params)``); the
+``discriminator`` objective trains the discriminator only (segmenter outputs detached).
+Both groups use the run's one learning rate (the paper's separate EN rate is not
+expressible).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
+from semiseg.components.discriminator import Discriminator, discriminator_loss, fooling_loss
+from semiseg.losses import supervised_loss
+from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.registry import register_method
+
+
+@register_method
+class Adversarial(Method):
+    """Segmenter trained on labels and to fool a discriminator on unlabelled images."""
+
+    name = "adversarial"
+    hparams = {
+        "adversarial_weight": HParam(0.1, low=0.001, high=1.0, log=True,
+                                     help="weight of the segmenter's adversarial term after ramp-up"),
+        "disc_width": HParam(32, help="channels of the discriminator's first convolution (not from the paper)"),
+        "disc_depth": HParam(3, help="stride-2 convolutions of the discriminator (not from the paper)"),
+    }
+
+    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+        super().__init__(context, params)
+        self.trained["student"] = context.build_network()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed * 1000 + 1)
+            discriminator = Discriminator(dims=context.dims, in_channels=context.in_channels,
+                                          num_classes=context.num_classes, width=int(self.params["disc_width"]),
+                                          depth=int(self.params["disc_depth"]))
+        self.trained["discriminator"] = discriminator.to(context.device)
+
+    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """``main``: the segmenter's parameters; ``discriminator``: the discriminator's."""
+        return {"main": list(self.trained["student"].parameters()),
+                "discriminator": list(self.trained["discriminator"].parameters())}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """Supervised + ramped adversarial loss for the segmenter; BCE for the discriminator."""
+        images_l, labels_l = batch["image_l"], batch["label_l"]
+        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
+        context = self.context
+        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device)
+        inputs = perturb_intensity(warp(images, theta), context.augment, self.generator)
+        logits = self.trained["student"](inputs)
+        n_l = images_l.shape[0]
+        loss_sup = supervised_loss(context.supervised_loss, logits[:n_l], warp_labels(labels_l, theta[:n_l]))
+        if n_l == images.shape[0]:
+            return StepOutput(objectives={"main": loss_sup}, logs={"loss_sup": loss_sup.detach()})
+        probs = logits.float().softmax(dim=1)
+        discriminator = self.trained["discriminator"]
+        loss_cons = fooling_loss(discriminator(inputs[n_l:], probs[n_l:]))
+        detached = probs.detach()
+        loss_disc = discriminator_loss(discriminator(inputs[:n_l], detached[:n_l]),
+                                       discriminator(inputs[n_l:], detached[n_l:]))
+        weight = self.cons_weight(progress, float(self.params["adversarial_weight"]))
+        return StepOutput(objectives={"main": loss_sup + weight * loss_cons, "discriminator": loss_disc},
+                          logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
+                                "loss_disc": loss_disc.detach(), "cons_weight": weight})

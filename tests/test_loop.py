@@ -1,0 +1,71 @@
+"""The per-worker training loop without Ray: reports, checkpoints, exact resume, divergence."""
+
+import math
+
+import pytest
+
+from semiseg.train.loop import run_training
+from semiseg.train.session import LocalSession
+
+
+def test_reports_every_epoch_with_metrics_in_range(tiny_config):
+    session = LocalSession()
+    state = run_training({**tiny_config, "method.name": "mean_teacher"}, session)
+    assert [r["epoch"] for r in session.reports] == [1.0, 2.0]
+    for report in session.reports:
+        assert 0.0 <= report["val/dice"] <= 1.0
+        assert math.isfinite(report["train/loss"]) and report["train/loss"] > 0
+        assert report["train/cons_weight"] > 0 and report["diverged"] == 0.0
+    assert 0.0 <= session.reports[-1]["test/dice"] <= 1.0
+    assert "test/dice" not in session.reports[0]
+    assert state.step == 2 * tiny_config["train.steps_per_epoch"]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashingSession(LocalSession):
+    """Dies right after persisting the checkpoint of epoch ``crash_after`` (a killed worker)."""
+
+    def __init__(self, root, crash_after: int) -> None:
+        super().__init__(root)
+        self.crash_after = crash_after
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.crash_after:
+            raise _Crash("worker killed")
+
+
+def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tiny_config, tmp_path):
+    config = {**tiny_config, "method.name": "mean_teacher", "train.max_epochs": 3}
+    straight = LocalSession()
+    run_training(config, straight)
+
+    with pytest.raises(_Crash):
+        run_training(config, _CrashingSession(tmp_path / "ckpt", crash_after=2))
+    resumed = LocalSession(tmp_path / "ckpt")
+    state = run_training(config, resumed)
+    assert [r["epoch"] for r in resumed.reports] == [3.0], "a resumed run must not restart at epoch 1"
+    assert state.step == 3 * config["train.steps_per_epoch"]
+    assert resumed.reports[0]["train/loss"] == pytest.approx(straight.reports[-1]["train/loss"], rel=1e-6)
+    assert resumed.reports[0]["val/dice"] == pytest.approx(straight.reports[-1]["val/dice"], rel=1e-6)
+    assert resumed.reports[0]["test/dice"] == pytest.approx(straight.reports[-1]["test/dice"], rel=1e-6)
+
+
+def test_non_finite_loss_ends_the_trial_as_diverged(tiny_config):
+    session = LocalSession()
+    state = run_training({**tiny_config, "method.name": "supervised", "optim.lr": 1e30,
+                          "optim.grad_clip": 0.0, "train.max_epochs": 4}, session)
+    assert state.diverged
+    assert session.reports[-1]["diverged"] == 1.0
+    assert len(session.reports) < 4
+
+
+def test_pretraining_stage_precedes_the_semi_supervised_stage(tiny_config):
+    session = LocalSession()
+    run_training({**tiny_config, "method.name": "mean_teacher", "method.pretrain_epochs": 1}, session)
+    first, second = session.reports
+    assert first["train/pretraining"] == 1.0 and "train/loss_cons" not in first
+    assert second["train/pretraining"] == 0.0 and second["train/loss_cons"] > 0

@@ -1,0 +1,48 @@
+"""Study scripts: bad input ends with one clear line and exit status 2, no traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from semiseg.tune.cli import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_study(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "studies" / "ema_sweep.py"), "--storage-path",
+                           str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_missing_dataset_folder(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    result = _run_study("--dataset", str(missing), tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_dataset_folder(tmp_path):
+    folder = tmp_path / "broken"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}}))
+    result = _run_study("--dataset", str(folder), tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "dataset.json" in result.stderr and "labels" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_override_key(tmp_path):
+    result = _run_study("--set", "optim.lrr=1", tmp_path=tmp_path)
+    assert result.returncode == 2 and "optim.lrr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shared_cli_defaults_and_validation():
+    args = parse_args("x", "y", ["--smoke", "--workers-per-trial", "2", "--set", "optim.lr=1e-3"])
+    assert args.smoke and args.workers_per_trial == 2 and args.overrides == (("optim.lr", "1e-3"),)
+    assert args.storage_path.is_absolute()
+    with pytest.raises(SystemExit):
+        parse_args("x", "y", ["--num-samples", "0"])
