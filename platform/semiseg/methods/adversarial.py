@@ -82,4 +82,5 @@ class Adversarial(Method):
         weight = self.cons_weight(progress, float(self.params["adversarial_weight"]))
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons, "discriminator": loss_disc},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
-                                "loss_disc": loss_disc.detach(), "cons_weight": weight})
+                                "loss_disc": loss_disc.detach(), "cons_weight": weight},
+                          unsupervised=loss_cons)

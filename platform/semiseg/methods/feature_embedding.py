@@ -87,7 +87,8 @@ class FeatureEmbedding(Method):
         weight = self.cons_weight(progress, float(self.params["embedding_weight"]))
         return StepOutput(objectives={"main": loss_sup + weight * loss_emb},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_emb.detach(),
-                                "cons_weight": weight})
+                                "cons_weight": weight},
+                          unsupervised=loss_emb)
 
     @staticmethod
     def _pixel_classes(labels_l: torch.Tensor, logits: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ from ray import tune
 from semiseg.train.loop import train_loop_per_worker, tune_trial
 
 STORAGE_KEY = "_storage_path"
+DDP_DRIVER_MEMORY = 256 * 1024 ** 2
+"""The DDP trial's driver only waits on its worker group: it reserves memory, not a CPU,
+so that N workers of one CPU each fit on N CPUs (Tune rejects an all-zero request)."""
 
 
 def make_trainable(workers_per_trial: int, cpus_per_worker: int, gpus_per_worker: float,
@@ -46,4 +49,4 @@ def make_trainable(workers_per_trial: int, cpus_per_worker: int, gpus_per_worker
         )
         trainer.fit()
 
-    return tune.with_resources(ddp_trial, {"cpu": 0})
+    return tune.with_resources(ddp_trial, {"cpu": 0, "memory": DDP_DRIVER_MEMORY})

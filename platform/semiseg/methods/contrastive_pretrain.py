@@ -1,0 +1,74 @@
+"""Global contrastive pretraining of the encoder (Chaitanya et al., NeurIPS 2020).
+
+"Contrastive learning of global and local features for medical image segmentation with
+limited annotations": the *global* loss only.
+
+- Pretraining stage (the first ``pretrain_epochs`` epochs; the common hyperparameter
+  defaults to 0, so it must be set > 0 for this method to differ from the supervised
+  baseline): every image of the batch, labelled and unlabelled, is augmented twice
+  independently (affine + intensity); the U-Net's encoder up to the bottleneck, global
+  average pooling and a projection head g (``projection``) map both views to
+  ``projection_dim`` vectors; the NT-Xent (SimCLR) loss with temperature
+  ``temperature`` pulls the two views of an image together and pushes the other images
+  of the batch away.
+- Semi-supervised stage: the whole network is fine-tuned with Dice + CE on the
+  augmented labelled images; the projection head is no longer used.
+
+Which network each loss trains: the contrastive loss trains the encoder of ``student``
+and the projection head (the decoder gets no gradient); the supervised loss trains the
+whole ``student``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from semiseg.augment import perturb_intensity, sample_affine, warp
+from semiseg.components.contrastive import ProjectionHead, nt_xent_loss, unet_bottleneck
+from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.registry import register_method
+from semiseg.methods.supervised import augmented_supervised_loss
+
+
+@register_method
+class ContrastivePretrain(Method):
+    """Encoder pretrained with the global NT-Xent loss, then supervised fine-tuning."""
+
+    name = "contrastive_pretrain"
+    hparams = {
+        "temperature": HParam(0.1, low=0.05, high=0.5, log=True, help="τ of the NT-Xent loss (paper: 0.1)"),
+        "projection_dim": HParam(64, help="output dimension of the projection head g"),
+    }
+    segmenters = ("student",)
+
+    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+        super().__init__(context, params)
+        student = context.build_network()
+        self.trained["student"] = student
+        channels = int(self.context.model["width"]) * 2 ** int(self.context.model["depth"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed * 1000 + 1)
+            head = ProjectionHead(channels, int(self.params["projection_dim"]))
+        self.trained["projection"] = head.to(context.device)
+
+    def pretrain_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """NT-Xent between two augmented views of every image of the batch."""
+        images = torch.cat([batch["image_l"], batch["image_u"]]) if "image_u" in batch else batch["image_l"]
+        views = torch.cat([self._augment(images), self._augment(images)])
+        projections = self.trained["projection"](unet_bottleneck(self.trained["student"], views))
+        z1, z2 = projections.chunk(2)
+        loss = nt_xent_loss(z1, z2, float(self.params["temperature"]))
+        return StepOutput(objectives={"main": loss}, logs={"loss_cons": loss.detach()}, unsupervised=loss)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """Dice + CE on the augmented labelled images (fine-tuning of the whole network)."""
+        loss = augmented_supervised_loss(self, self.trained["student"], batch["image_l"], batch["label_l"])
+        return StepOutput(objectives={"main": loss}, logs={"loss_sup": loss.detach()})
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        """One random affine + intensity view of ``images``."""
+        context = self.context
+        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device)
+        return perturb_intensity(warp(images, theta), context.augment, self.generator)

@@ -1,0 +1,133 @@
+"""Uncertainty-aware mean teacher, UA-MT (Yu et al., MICCAI 2019).
+
+"Uncertainty-aware self-ensembling model for semi-supervised 3D left atrium
+segmentation"; defaults from the authors' reference code (UA-MT, SSL4MIS) as listed in
+``shared/papers/README.md`` and ``la-mri-cps-uamt-lovasz.md``.
+
+- The teacher is the exponential moving average of the student
+  (:mod:`semiseg.components.ema`), decay ``ema_decay`` with the warm-up
+  α = min(1 − 1/(step + 1), α).
+- The student and the teacher see the same augmented batch (shared affine and
+  intensity augmentation); the teacher's input gets extra noise clamp(N(0, 0.1), ±0.2).
+  Its (eval-mode) output is the consistency target.
+- Uncertainty: ``mc_passes`` further teacher passes with dropout active (BatchNorm
+  stays in eval) and fresh input noise; the predictive entropy u of their mean
+  softmax (:mod:`semiseg.components.uncertainty`).
+- Voxels with u ≥ H are masked out of the squared-error consistency, with the
+  threshold H = (0.75 + 0.25·w(t))·ln C, w the sigmoid ramp-up over the configured
+  ``schedule.rampup_epochs`` of the semi-supervised stage (the reference code ramps
+  both the weight and the threshold over the whole schedule: set the ramp-up to the
+  stage's length to match; without a ramp-up H = ln C from the start); the loss is
+  normalised by C·Σ mask (the reference code's ln 2 and 2 are the C = 2 case).
+- Supervised loss (Dice + CE by default) on the labelled part; consistency on the
+  unlabelled part (reference code) or on all images, weighted by ``consistency`` times
+  the configured ramp-up.
+
+Which network each loss trains: both losses train the student; the teacher gets no
+gradient (every teacher pass runs under ``no_grad``) and changes only by the EMA in
+``after_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
+from semiseg.components.ema import EmaUpdater, make_teacher
+from semiseg.components.uncertainty import (certainty_mask, clamped_noise, masked_consistency, mc_teacher_probs,
+                                            predictive_entropy, uncertainty_threshold)
+from semiseg.losses import supervised_loss
+from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.registry import register_method
+from semiseg.schedules import ema_decay_at, rampup
+
+CONSISTENCY_TARGETS = ("unlabelled", "all")
+
+
+@register_method
+class UaMeanTeacher(Method):
+    """Mean teacher whose consistency is restricted to voxels the teacher is certain about."""
+
+    name = "ua_mean_teacher"
+    hparams = {
+        "ema_decay": HParam(0.99, low=0.9, high=0.9999, complement=True,
+                            help="EMA decay α of the teacher (reference code: 0.99)"),
+        "consistency": HParam(0.1, low=0.01, high=10.0, log=True,
+                              help="weight of the uncertainty-masked consistency after ramp-up (reference code: 0.1)"),
+        "mc_passes": HParam(8, low=2, high=16,
+                            help="stochastic teacher passes T for the uncertainty (paper: 8)"),
+        "teacher_noise_std": HParam(0.1, help="σ of the teacher's input noise (reference code: 0.1)"),
+        "teacher_noise_clip": HParam(0.2, help="bound of the teacher's input noise (reference code: 0.2)"),
+        "cons_on": HParam("unlabelled", choices=CONSISTENCY_TARGETS,
+                          help="images the consistency covers (reference code: unlabelled)"),
+    }
+
+    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+        super().__init__(context, params)
+        if self.params["cons_on"] not in CONSISTENCY_TARGETS:
+            raise ValueError(f"cons_on must be one of {CONSISTENCY_TARGETS}, got {self.params['cons_on']!r}")
+        student = context.build_network()
+        self.trained["student"] = student
+        self.frozen["teacher"] = make_teacher(student)
+        self._ema: EmaUpdater | None = None
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
+        """Supervised loss on the labelled part, uncertainty-masked consistency with the teacher."""
+        images_l, labels_l = batch["image_l"], batch["label_l"]
+        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
+        context, generator, n_l = self.context, self.generator, images_l.shape[0]
+        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device)
+        augmented = perturb_intensity(warp(images, theta), context.augment, generator)
+        student_logits = self.trained["student"](augmented)
+        loss_sup = supervised_loss(context.supervised_loss, student_logits[:n_l],
+                                   warp_labels(labels_l, theta[:n_l]))
+        start = n_l if self.params["cons_on"] == "unlabelled" else 0
+        threshold = uncertainty_threshold(self._threshold_ramp(progress), context.num_classes)
+        loss_cons, certain = self._consistency(student_logits[start:], augmented[start:], threshold)
+        weight = self.cons_weight(progress, float(self.params["consistency"]))
+        return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
+                          logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
+                                "cons_weight": weight, "uncertainty_threshold": threshold,
+                                "certain_fraction": certain},
+                          unsupervised=loss_cons)
+
+    def _consistency(self, student_logits: torch.Tensor, images: torch.Tensor,
+                     threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked consistency of the student against the noisy teacher, and the certain fraction."""
+        if images.shape[0] == 0:
+            zero = student_logits.float().sum() * 0.0
+            return zero, zero.detach()
+        teacher = self.frozen["teacher"]
+        std, clip = float(self.params["teacher_noise_std"]), float(self.params["teacher_noise_clip"])
+        with torch.no_grad():
+            noise = clamped_noise(images.shape, std, clip, self.generator).to(images.device, images.dtype)
+            target = teacher(images + noise).float().softmax(dim=1)
+            mean_probs = mc_teacher_probs(teacher, images, int(self.params["mc_passes"]), std, clip,
+                                          self.generator)
+            mask = certainty_mask(predictive_entropy(mean_probs), threshold)
+        loss = masked_consistency(student_logits.float().softmax(dim=1), target, mask)
+        return loss, mask.mean()
+
+    def _threshold_ramp(self, progress: Progress) -> float:
+        """Sigmoid ramp-up w(t) over the configured ramp-up epochs of the semi-supervised stage."""
+        return rampup(progress.stage_epoch, self.context.rampup_epochs, "sigmoid")
+
+    def begin_semi_supervised(self) -> None:
+        """After pretraining, the teacher starts as a copy of the pretrained student."""
+        self._updater().update(0.0)
+
+    def _updater(self) -> EmaUpdater:
+        if self._ema is None:
+            self._ema = EmaUpdater(self.frozen["teacher"], self.trained["student"])
+        return self._ema
+
+    def after_step(self, progress: Progress) -> None:
+        """EMA update of the teacher with the warm-up-capped decay."""
+        decay = ema_decay_at(progress.step, progress.stage_epoch, float(self.params["ema_decay"]), 0.0, 0.0)
+        self._updater().update(decay)
+
+    def eval_model(self) -> torch.nn.Module:
+        """The EMA teacher (as for mean teacher; the reference code evaluates the student)."""
+        return self.frozen["teacher"]
