@@ -48,6 +48,8 @@ class EpochAwareOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials:
             return
         trial = self._ot_trials[trial_id]
+        if result and self.metric in result:
+            self.on_trial_result(trial_id, result)
         value = None if not result else result.get(self.metric)
         if error or value is None or (result and result.get(METRIC_DIVERGED)):
             state, value = optuna.trial.TrialState.FAIL, None

@@ -1,0 +1,60 @@
+"""A tiny study on a real local Ray, logged to a real MLflow store."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tests.integration.conftest import load_study, study_runs
+
+pytestmark = pytest.mark.integration
+TINY = ["--smoke", "--set", "data.phantom_shape=32x32x4", "--set", "data.phantom_cases=12",
+        "--set", "data.num_validation=2", "--set", "data.num_test=2", "--set", "model.width=4"]
+
+
+def test_smoke_ema_sweep_leaves_parent_and_child_runs(ray_local, mlflow_store, tmp_path):
+    study = load_study("ema_sweep").STUDY
+    outcome = study and __import__("semiseg.tune", fromlist=["run_study"]).run_study(
+        study, ["--storage-path", str(tmp_path), "--tracking-uri", mlflow_store, *TINY])
+    client, parents, children = study_runs(mlflow_store, "ema_sweep")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["semiseg.study"] == "ema_sweep"
+    assert len(children) == 3, "2 searched trials and 1 baseline"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    methods = sorted(c.data.tags["semiseg.method"] for c in children)
+    assert methods == ["mean_teacher", "mean_teacher", "supervised"]
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val/dice")
+        assert [m.step for m in history] == [1, 2, 3]
+        assert all(0.0 <= m.value <= 1.0 for m in history)
+        assert child.data.params["method.name"] == child.data.tags["semiseg.method"]
+        assert child.data.params["train.max_epochs"] == "3"
+        assert "config.json" in [a.path for a in client.list_artifacts(child.info.run_id)]
+    searched = [c for c in children if c.data.tags["semiseg.method"] == "mean_teacher"]
+    decays = {float(c.data.params["method.ema_decay"]) for c in searched}
+    assert len(decays) == 2 and all(0.9 <= d <= 0.9999 for d in decays)
+    assert "baseline/val_dice" in parent.data.metrics and "best/val_dice" in parent.data.metrics
+
+    assert outcome.best is not None and outcome.best.method == "mean_teacher"
+    assert len(outcome.rows) == 3 and all(r.epochs == 3 for r in outcome.rows)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'ema_sweep' / 'optuna.db'}")
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 2
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert all(sorted(t.intermediate_values) == [1, 2, 3] for t in trials)
+
+
+def test_two_workers_per_trial_run_ddp_through_ray_train(ray_local, mlflow_store, tmp_path):
+    study = load_study("ema_sweep").STUDY
+    from semiseg.tune import run_study
+
+    outcome = run_study(study, ["--storage-path", str(tmp_path), "--tracking-uri", mlflow_store, *TINY,
+                                "--workers-per-trial", "2", "--num-samples", "1", "--skip-baselines",
+                                "--set", "train.max_epochs=2"])
+    (row,) = outcome.rows
+    assert row.epochs == 2 and row.status == "completed"
+    assert 0.0 <= row.best_val_dice <= 1.0
+    ddp_runs = list((tmp_path / "ray").glob("ddp-*"))
+    assert len(ddp_runs) == 1, "the DDP trial runs a named Ray Train run (resumable by name)"
