@@ -60,11 +60,7 @@ def unet_bottleneck(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     unet = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
     if not all(hasattr(unet, name) for name in ("encoders", "pool", "depth")):
         raise TypeError(f"{type(unet).__name__} is not a U-Net with encoders, pool and depth")
-    for level, encoder in enumerate(unet.encoders):
-        x = encoder(x)
-        if level < unet.depth:
-            x = unet.pool(x)
-    return x
+    return network(x, encode_only=True)
 
 
 class ProjectionHead(nn.Module):

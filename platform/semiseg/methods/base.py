@@ -121,7 +121,11 @@ class Method:
     """Base of the registered methods: storage of networks and the common plumbing.
 
     Subclasses set ``name``, ``hparams`` and ``uses_unlabelled`` and implement
-    ``training_step``. Networks that the loop should wrap in DDP and optimise are put in
+    ``training_step``. Under several workers the loop wraps the networks named in
+    ``segmenters`` in ``DistributedDataParallel`` (with ``find_unused_parameters`` when
+    ``ddp_find_unused_parameters``: a step leaves part of a network out) and averages the
+    gradients of the other trained modules (discriminators, projection heads) itself, so
+    any forward pattern (several passes, detached passes) trains identically on every rank. Networks that the loop should wrap in DDP and optimise are put in
     ``self.trained``; networks that are not optimised (EMA teachers) in ``self.frozen``.
     """
 
@@ -129,6 +133,7 @@ class Method:
     hparams: ClassVar[dict[str, HParam]] = {}
     uses_unlabelled: ClassVar[bool] = True
     segmenters: ClassVar[tuple[str, ...]] = ("student",)
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
         self.context = context

@@ -42,6 +42,7 @@ class ContrastivePretrain(Method):
         "projection_dim": HParam(64, help="output dimension of the projection head g"),
     }
     segmenters = ("student",)
+    ddp_find_unused_parameters = True
 
     def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
         super().__init__(context, params)

@@ -82,12 +82,19 @@ class UNet(nn.Module):
         self.feature_channels = channels[0]
         self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
+    def forward(self, x: torch.Tensor, return_features: bool = False, encode_only: bool = False):
         """Segment ``x`` of shape ``[B, C, *spatial]``.
 
+        Args:
+            x: images.
+            return_features: also return the penultimate per-pixel feature maps.
+            encode_only: stop at the bottleneck and return its feature maps (encoder
+                pretraining); going through ``forward`` keeps DDP's gradient hooks working.
+
         Returns:
-            Logits ``[B, num_classes, *spatial]``, or ``(logits, features)`` when
-            ``return_features`` (features: the penultimate per-pixel maps).
+            Logits ``[B, num_classes, *spatial]``; ``(logits, features)`` when
+            ``return_features``; the bottleneck ``[B, F, *spatial / 2**depth]`` when
+            ``encode_only``.
         """
         skips = []
         for level, encoder in enumerate(self.encoders):
@@ -95,6 +102,8 @@ class UNet(nn.Module):
             if level < self.depth:
                 skips.append(x)
                 x = self.pool(x)
+        if encode_only:
+            return x
         for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
             x = up(x)
             x = _pad_to(x, skip)

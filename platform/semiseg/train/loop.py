@@ -97,8 +97,9 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
                          num_validation=cfg.data.num_validation, num_test=cfg.data.num_test,
                          split_seed=cfg.data.split_seed, dims=cfg.data.dims)
     method = build_method(cfg.method["name"], _build_context(cfg, data, device), cfg.method)
+    manual_sync: list[torch.nn.Parameter] = []
     if session.world_size > 1:
-        _wrap_ddp(method, device)
+        manual_sync = _wrap_ddp(method, device)
     optimizers = _build_optimizers(method, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
     state = LoopState()
@@ -112,7 +113,8 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
                                                       if method.uses_unlabelled else 0),
                                 rank=session.rank, world_size=session.world_size, seed=cfg.train.seed)
     while state.epoch < cfg.train.max_epochs and not state.diverged:
-        metrics = _train_epoch(cfg, method, optimizers, scaler, sampler, state, device)
+        metrics = _train_epoch(cfg, method, optimizers, scaler, sampler, state, device,
+                               _GradientSync(manual_sync, session.world_size))
         if not state.diverged:
             metrics.update(_validate(cfg, method, data, state, session, device))
         state.epoch += 1
@@ -150,12 +152,38 @@ def _build_context(cfg: ExperimentConfig, data: PreparedData, device: torch.devi
                         rampup_shape=cfg.schedule.rampup_shape, seed=cfg.train.seed, device=str(device))
 
 
-def _wrap_ddp(method: Method, device: torch.device) -> None:
+def _wrap_ddp(method: Method, device: torch.device) -> list[torch.nn.Parameter]:
+    """Wrap the segmenters in DDP; return the parameters whose gradients the loop averages itself."""
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
+    manual: list[torch.nn.Parameter] = []
     for key, module in method.trained.items():
-        method.trained[key] = DistributedDataParallel(module, device_ids=device_ids)
+        if key in method.segmenters:
+            method.trained[key] = DistributedDataParallel(
+                module, device_ids=device_ids, find_unused_parameters=method.ddp_find_unused_parameters)
+        else:
+            manual.extend(p for p in module.parameters() if p.requires_grad)
+    return manual
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce (mean) the gradients of ``params`` in one flattened buffer.
+
+    Parameters without a gradient on this step contribute zeros, so every rank calls the
+    same collective with the same buffer size.
+    """
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    for param, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        if param.grad is None:
+            param.grad = synced.clone()
+        else:
+            param.grad.copy_(synced)
 
 
 def _build_optimizers(method: Method, cfg: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
@@ -179,7 +207,7 @@ def _build_optimizers(method: Method, cfg: ExperimentConfig) -> dict[str, torch.
 
 def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, torch.optim.Optimizer],
                  scaler: torch.amp.GradScaler, sampler: MixedBatchSampler, state: LoopState,
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, sync: "_GradientSync") -> dict[str, float]:
     method.train()
     steps = cfg.train.steps_per_epoch
     sums: dict[str, float] = {}
@@ -202,18 +230,19 @@ def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, to
         with torch.autocast(device.type, enabled=amp):
             output = step_fn(batch, progress)
         total = sum(output.objectives.values())
-        if not torch.isfinite(total.detach()):
+        if not _finite_on_every_rank(total.detach(), sync.world_size):
             log.warning("non-finite loss at epoch %.2f: the trial ends as diverged", epoch)
             state.diverged = True
             break
-        _backward_and_step(output.objectives, optimizers, scaler, cfg.optim.grad_clip)
+        _backward_and_step(output.objectives, optimizers, scaler, cfg.optim.grad_clip, sync)
         method.after_step(progress)
         state.step += 1
         for key, value in output.logs.items():
             sums[key] = sums.get(key, 0.0) + float(value)
         sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
     done = max(1, index + 1 if steps else 1)
-    means = {key: value / done for key, value in sums.items()}
+    means = sync.average_logs({key: value / done for key, value in sums.items()})
+    sync.broadcast_buffers(method)
     method.end_epoch(state.epoch, means)
     metrics = {f"train/{key}": value for key, value in means.items()}
     metrics["train/lr"] = cfg.optim.lr * lr_factor(state.epoch + 1, cfg.train.max_epochs,
@@ -223,8 +252,47 @@ def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, to
     return metrics
 
 
+def _finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on all ranks (a collective decision, so no rank is left waiting)."""
+    finite = torch.isfinite(loss).to(torch.float32).reshape(1)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item() > 0)
+
+
+@dataclass
+class _GradientSync:
+    params: list[torch.nn.Parameter]
+    world_size: int
+
+    def __call__(self) -> None:
+        if self.world_size > 1:
+            average_gradients(self.params, self.world_size)
+
+    def broadcast_buffers(self, method: Method) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics, EMA teachers' buffers).
+
+        Each rank updates BatchNorm statistics from its own batches; without this, ranks
+        would validate and checkpoint slightly different models.
+        """
+        if self.world_size == 1 or not dist.is_initialized():
+            return
+        for module in [*method.trained.values(), *method.frozen.values()]:
+            for buffer in _unwrapped(module).buffers():
+                dist.broadcast(buffer, src=0)
+
+    def average_logs(self, means: dict[str, float]) -> dict[str, float]:
+        """Epoch means averaged over ranks, so epoch-level method state (ALW) agrees everywhere."""
+        if self.world_size == 1 or not dist.is_initialized() or not means:
+            return means
+        keys = sorted(means)
+        values = torch.tensor([means[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
+
+
 def _backward_and_step(objectives: dict[str, torch.Tensor], optimizers: dict[str, torch.optim.Optimizer],
-                       scaler: torch.amp.GradScaler, grad_clip: float) -> None:
+                       scaler: torch.amp.GradScaler, grad_clip: float, sync: _GradientSync) -> None:
     names = list(objectives)
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
@@ -233,6 +301,7 @@ def _backward_and_step(objectives: dict[str, torch.Tensor], optimizers: dict[str
         params = [p for group in optimizer.param_groups for p in group["params"]]
         retain = position < len(names) - 1
         scaler.scale(objectives[name]).backward(inputs=params, retain_graph=retain)
+    sync()
     for name in names:
         optimizer = optimizers[name]
         if grad_clip > 0:
