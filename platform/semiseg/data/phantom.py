@@ -2,7 +2,7 @@
 
 Each case is a crude MRI slab: a textured body on a dark background, a
 deformed ellipsoidal structure of interest (label 1) whose contrast to the
-body depends on the acquisition site (brighter, barely brighter or darker),
+body depends on the acquisition site (clearly, moderately or faintly brighter),
 one or two unlabelled distractor blobs of similar intensity, a smooth
 multiplicative bias field, Rician noise, a site-dependent intensity scale and
 offset, and partial-volume edges (rendered at twice the in-plane resolution,
@@ -32,12 +32,14 @@ from scipy import ndimage
 from semiseg.data.errors import DatasetError
 from semiseg.data.layout import DatasetLayout, read_layout, write_case, write_dataset_json
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PHANTOM_KEY = "semiseg_phantom"
 LABELS = {"background": 0, "structure": 1}
 
 # Site properties, cycled when there are more sites than entries.
-SITE_CONTRAST = (0.45, 0.15, -0.30, 0.28, -0.15, 0.60)
+# All positive: a site whose contrast is inverted relative to every labelled case cannot be
+# learned from unlabelled images by any consistency method; a faint site can.
+SITE_CONTRAST = (0.45, 0.25, 0.12, 0.35, 0.18, 0.60)
 SITE_NOISE = (0.04, 0.06, 0.07, 0.05, 0.07, 0.035)
 SITE_SCALE = (1000.0, 450.0, 1800.0, 700.0, 1300.0, 900.0)
 SITE_OFFSET = (0.0, 40.0, 15.0, 5.0, 25.0, 60.0)
