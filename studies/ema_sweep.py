@@ -1,10 +1,11 @@
 """Mean Teacher EMA-decay study (Perone & Cohen-Adad 2018).
 
 Searches the teacher's EMA decay α on a log scale of 1 − α (0.9 … 0.9999) with Optuna's
-TPE and ASHA, then trains the supervised baseline on the same labelled cases.
+TPE and ASHA; then re-runs the best decay and the supervised baseline on the same
+labelled cases with the same two seeds, and reports both.
 
     python studies/ema_sweep.py                 # embedded phantom, local Ray
-    python studies/ema_sweep.py --smoke         # a few minutes
+    python studies/ema_sweep.py --smoke         # about a minute
     ray job submit --working-dir . -- python studies/ema_sweep.py --storage-path /shared/runs
 """
 
@@ -15,11 +16,11 @@ from semiseg.tune.space import method_space
 STUDY = Study(
     name="ema_sweep",
     description="Mean Teacher: sensitivity of Dice to the teacher's EMA decay",
-    base={"method.name": "mean_teacher"},
+    base={"method.name": "mean_teacher", "train.max_epochs": 30},
     search_space=method_space("mean_teacher", ["ema_decay"]),
     baselines=({"method.name": "supervised"},),
+    final_seeds=2,
     num_samples=10,
-    max_epochs=30,
     grace_period=8,
     startup_trials=4,
     smoke=SMOKE,

@@ -20,10 +20,12 @@ def test_smoke_ema_sweep_leaves_parent_and_child_runs(ray_local, mlflow_store, t
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["semiseg.study"] == "ema_sweep"
-    assert len(children) == 3, "2 searched trials and 1 baseline"
+    assert len(children) == 4, "2 searched trials, then the best one and the baseline re-run"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     methods = sorted(c.data.tags["semiseg.method"] for c in children)
-    assert methods == ["mean_teacher", "mean_teacher", "supervised"]
+    assert methods == ["mean_teacher"] * 3 + ["supervised"]
+    phases = sorted(c.data.tags["semiseg.phase"] for c in children)
+    assert phases == ["final", "final", "search", "search"]
     for child in children:
         history = client.get_metric_history(child.info.run_id, "val/dice")
         assert [m.step for m in history] == [1, 2, 3]
@@ -31,13 +33,16 @@ def test_smoke_ema_sweep_leaves_parent_and_child_runs(ray_local, mlflow_store, t
         assert child.data.params["method.name"] == child.data.tags["semiseg.method"]
         assert child.data.params["train.max_epochs"] == "3"
         assert "config.json" in [a.path for a in client.list_artifacts(child.info.run_id)]
-    searched = [c for c in children if c.data.tags["semiseg.method"] == "mean_teacher"]
+    searched = [c for c in children if c.data.tags["semiseg.phase"] == "search"]
     decays = {float(c.data.params["method.ema_decay"]) for c in searched}
     assert len(decays) == 2 and all(0.9 <= d <= 0.9999 for d in decays)
-    assert "baseline/val_dice" in parent.data.metrics and "best/val_dice" in parent.data.metrics
+    assert "final/supervised/dice_mean" in parent.data.metrics and "best/val_dice" in parent.data.metrics
 
     assert outcome.best is not None and outcome.best.method == "mean_teacher"
-    assert len(outcome.rows) == 3 and all(r.epochs == 3 for r in outcome.rows)
+    assert len(outcome.rows) == 4 and all(r.epochs == 3 for r in outcome.rows)
+    assert set(outcome.final) == {"mean_teacher", "supervised"}
+    final_mt = [r for r in outcome.rows if r.phase == "final" and r.method == "mean_teacher"]
+    assert final_mt[0].config["method.ema_decay"] == outcome.best.config["method.ema_decay"]
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'ema_sweep' / 'optuna.db'}")
     (summary,) = optuna.get_all_study_summaries(storage)
     assert summary.n_trials == 2

@@ -8,11 +8,14 @@ The layout::
     ROOT/imagesTs/{case}_{channel:04d}.nii.gz
 
 Training images without a label file form the unlabelled pool used by
-semi-supervised methods.
+semi-supervised methods. :func:`read_dataset` also accepts the Medical
+Segmentation Decathlon layout (see :mod:`semiseg.data.msd`) and an extra folder
+of unlabelled images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,11 +47,15 @@ class CaseFiles:
         case_id: The case identifier, e.g. ``"phantom_003"``.
         image_paths: One image file per channel, in channel order.
         label_path: The label file, or None for unlabelled and test cases.
+        packed_channels: 0 when each channel has its own file (nnU-Net); otherwise
+            the single file of ``image_paths`` holds this many channels (Medical
+            Segmentation Decathlon: 3D for one channel, 4D ``[X, Y, Z, C]`` for more).
     """
 
     case_id: str
     image_paths: tuple[Path, ...]
     label_path: Path | None
+    packed_channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class DatasetLayout:
         file_ending: The image file ending, e.g. ``".nii.gz"``.
         training: Cases under imagesTr (labelled or not), sorted by id.
         test: Cases under imagesTs, sorted by id.
+        layout_format: ``"nnunet_v2"`` or ``"msd"`` (Medical Segmentation Decathlon).
     """
 
     root: Path
@@ -72,6 +80,7 @@ class DatasetLayout:
     file_ending: str
     training: tuple[CaseFiles, ...]
     test: tuple[CaseFiles, ...]
+    layout_format: str = "nnunet_v2"
 
     @property
     def labelled_ids(self) -> tuple[str, ...]:
@@ -161,20 +170,21 @@ def read_layout(root: str | os.PathLike[str]) -> DatasetLayout:
         DatasetError: Listing every problem found: a missing folder, a
             missing, unparseable or incomplete ``dataset.json``, a missing
             ``imagesTr``, a case lacking a channel file, a label file without
-            an image, or no training cases at all.
+            an image, a case id used in both imagesTr and imagesTs, or no
+            training cases at all.
     """
-    root = Path(root)
-    if not root.is_dir():
-        what = "does not exist" if not root.exists() else "is not a directory"
-        raise DatasetError.single(root, f"dataset folder {what}")
+    root = check_root(root)
     problems: Problems = []
-    meta = _read_dataset_json(root / "dataset.json", problems)
+    meta = read_dataset_json(root / "dataset.json", REQUIRED_KEYS, problems)
     channel_names = _parse_channel_names(root / "dataset.json", meta, problems)
     labels = _parse_labels(root / "dataset.json", meta, problems)
     file_ending = _parse_file_ending(root / "dataset.json", meta, problems)
     num_channels = len(channel_names) or None
-    training = _scan_training(root, file_ending, num_channels, problems)
-    test, _ = _scan_images(root / "imagesTs", file_ending, num_channels, problems, required=False)
+    scanned = _scan_training(root, file_ending, num_channels, problems)
+    test_paths, _ = _scan_images(root / "imagesTs", file_ending, num_channels, problems, required=False)
+    training = tuple(CaseFiles(cid, paths, label) for cid, (paths, label) in scanned.items())
+    test = tuple(CaseFiles(cid, paths, None) for cid, paths in test_paths.items())
+    problems.extend(duplicate_case_problems(training + test))
     if problems:
         raise DatasetError(problems)
     return DatasetLayout(
@@ -183,12 +193,129 @@ def read_layout(root: str | os.PathLike[str]) -> DatasetLayout:
         channel_names=channel_names,
         labels=labels,
         file_ending=file_ending,
-        training=tuple(CaseFiles(cid, paths, label) for cid, (paths, label) in training.items()),
-        test=tuple(CaseFiles(cid, paths, None) for cid, paths in test.items()),
+        training=training,
+        test=test,
     )
 
 
-def _read_dataset_json(path: Path, problems: Problems) -> dict[str, Any]:
+def read_dataset(
+    root: str | os.PathLike[str], extra_unlabelled: str | os.PathLike[str] | None = None
+) -> DatasetLayout:
+    """Read a dataset in the nnU-Net v2 raw or the Medical Segmentation Decathlon layout.
+
+    The layout is told by ``dataset.json``: a ``training`` list means the
+    Decathlon layout (see :func:`semiseg.data.msd.read_msd`), anything else is
+    read as nnU-Net v2 (``channel_names``, ``file_ending``), whose reader also
+    reports a missing or broken ``dataset.json``.
+
+    Args:
+        root: The dataset folder (the one holding ``dataset.json``).
+        extra_unlabelled: An optional folder of further unlabelled training
+            images, named as in the dataset's own layout (nnU-Net:
+            ``CASE_0000.nii.gz`` per channel; Decathlon: one ``CASE.nii.gz`` per
+            case, 4D when multi-channel). They join ``training`` without labels.
+
+    Returns:
+        The dataset's layout, training cases sorted by id.
+
+    Raises:
+        DatasetError: Listing every problem of the layout, including case ids
+            used more than once across imagesTr, imagesTs and the extra folder.
+    """
+    from semiseg.data.msd import is_msd_json, read_msd
+
+    root = check_root(root)
+    if is_msd_json(root / "dataset.json"):
+        return read_msd(root, extra_unlabelled)
+    layout = read_layout(root)
+    if extra_unlabelled is None:
+        return layout
+    problems: Problems = []
+    folder = Path(extra_unlabelled)
+    extra, _ = _scan_images(folder, layout.file_ending, layout.num_channels, problems, required=True)
+    if folder.is_dir() and not extra and not problems:
+        problems.append((str(folder), f"no unlabelled images found (expected files like CASE_0000{layout.file_ending})"))
+    cases = tuple(CaseFiles(cid, paths, None) for cid, paths in extra.items())
+    return with_extra_unlabelled(layout, cases, problems)
+
+
+def with_extra_unlabelled(
+    layout: DatasetLayout, cases: Iterable[CaseFiles], problems: Problems | None = None
+) -> DatasetLayout:
+    """Add unlabelled training cases to a layout, checking that case ids stay unique.
+
+    Args:
+        layout: The dataset read so far.
+        cases: The extra cases (their ``label_path`` is ignored and set to None).
+        problems: Problems already found while scanning the extra cases.
+
+    Returns:
+        A copy of ``layout`` whose ``training`` also holds the extra cases, sorted by id.
+
+    Raises:
+        DatasetError: With ``problems`` and every case id used twice.
+    """
+    problems = list(problems or [])
+    extra = tuple(dataclasses.replace(case, label_path=None) for case in cases)
+    problems.extend(duplicate_case_problems(layout.training + layout.test + extra))
+    if problems:
+        raise DatasetError(problems)
+    training = tuple(sorted(layout.training + extra, key=lambda case: case.case_id))
+    return dataclasses.replace(layout, training=training)
+
+
+def duplicate_case_problems(cases: Iterable[CaseFiles]) -> Problems:
+    """Report case ids that more than one case uses.
+
+    Args:
+        cases: Every case of a dataset (training, test and extra ones).
+
+    Returns:
+        One ``(path, message)`` problem per repeated use, naming the repeated
+        case's first image file and the file of the case that used the id first.
+    """
+    first: dict[str, CaseFiles] = {}
+    problems: Problems = []
+    for case in cases:
+        earlier = first.setdefault(case.case_id, case)
+        if earlier is not case:
+            problems.append(
+                (str(case.image_paths[0]), f"duplicate case id {case.case_id!r}: "
+                 f"{earlier.image_paths[0]} already uses it; case ids must be unique")
+            )
+    return problems
+
+
+def check_root(root: str | os.PathLike[str]) -> Path:
+    """Return ``root`` as a Path after checking that it is a folder.
+
+    Args:
+        root: The dataset folder.
+
+    Returns:
+        The folder.
+
+    Raises:
+        DatasetError: When it does not exist or is not a directory.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise DatasetError.single(root, f"dataset folder {what}")
+    return root
+
+
+def read_dataset_json(path: Path, required: Iterable[str], problems: Problems) -> dict[str, Any]:
+    """Parse ``dataset.json``, recording problems instead of raising.
+
+    Args:
+        path: The ``dataset.json`` file.
+        required: Keys that must be present.
+        problems: Where problems are appended as ``(path, message)``.
+
+    Returns:
+        The parsed object, or ``{}`` when it is missing or unparseable.
+    """
     if not path.is_file():
         problems.append((str(path), "dataset.json is missing; every nnU-Net dataset needs one"))
         return {}
@@ -200,7 +327,7 @@ def _read_dataset_json(path: Path, problems: Problems) -> dict[str, Any]:
     if not isinstance(meta, dict):
         problems.append((str(path), "dataset.json must hold a JSON object"))
         return {}
-    for key in REQUIRED_KEYS:
+    for key in required:
         if key not in meta:
             problems.append((str(path), f"dataset.json is missing the required key {key!r}"))
     return meta
@@ -336,25 +463,29 @@ def _list_files(folder: Path, file_ending: str) -> dict[str, Path]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_case(case: CaseFiles, declared_labels: Collection[int] | None = None) -> LoadedCase:
+def load_case(
+    case: CaseFiles, declared_labels: Collection[int] | None = None, *, check_constant: bool = False
+) -> LoadedCase:
     """Load and check the voxel data of one case.
 
     Args:
         case: The case's files, e.g. from :func:`read_layout`.
         declared_labels: Label values allowed in the label file (usually
             ``layout.class_ids``); None skips this check.
+        check_constant: Also reject constant image channels (see :func:`validate_layout`).
 
     Returns:
-        The case's image, label, spacing and affine.
+        The case's image ``[C, X, Y, Z]``, label, spacing and affine.
 
     Raises:
         DatasetError: Naming the file, when a file is unreadable, truncated
-            or not NIfTI; has other than 2 or 3 spatial dimensions; holds
-            NaN/Inf voxels; when channel shapes or affines differ; when the
-            label's shape or affine differs from the image's; or when the
-            label holds values not declared in ``dataset.json``.
+            or not NIfTI; has other than 2 or 3 spatial dimensions (a packed
+            Decathlon image: other than the declared channel count along its
+            4th axis); holds NaN/Inf voxels; when channel shapes or affines
+            differ; when the label's shape or affine differs from the image's;
+            or when the label holds values not declared in ``dataset.json``.
     """
-    loaded, problems = _load_checked(case, declared_labels, check_constant=False)
+    loaded, problems = _load_checked(case, declared_labels, check_constant=check_constant)
     if problems or loaded is None:
         raise DatasetError(problems)
     return loaded
@@ -383,13 +514,20 @@ def _load_checked(
     case: CaseFiles, declared_labels: Collection[int] | None, *, check_constant: bool
 ) -> tuple[LoadedCase | None, Problems]:
     problems: Problems = []
-    channels = [_read_volume(p, problems) for p in case.image_paths]
-    for path, vol in zip(case.image_paths, channels):
+    if case.packed_channels:
+        channels = _read_packed(case.image_paths[0], case.packed_channels, problems)
+        paths = [case.image_paths[0]] * len(channels)
+        where = [f" channel {k}" for k in range(len(channels))] if len(channels) > 1 else [""]
+    else:
+        channels = [_read_volume(p, problems) for p in case.image_paths]
+        paths = list(case.image_paths)
+        where = [""] * len(channels)
+    for path, vol, place in zip(paths, channels, where):
         if vol is not None:
-            _check_finite(path, vol.data, problems)
+            _check_finite(path, vol.data, problems, place)
             if check_constant:
-                _check_not_constant(path, vol.data, problems)
-    _check_channels_agree(case.image_paths, channels, problems)
+                _check_not_constant(path, vol.data, problems, place)
+    _check_channels_agree(paths, channels, problems)
     label = _load_label(case, channels[0] if channels else None, declared_labels, problems)
     if problems or not channels or channels[0] is None:
         return None, problems
@@ -398,7 +536,39 @@ def _load_checked(
     return LoadedCase(case.case_id, image, label, first.spacing, first.affine), problems
 
 
+def _read_packed(path: Path, num_channels: int, problems: Problems) -> list[_Volume | None]:
+    """Read a file holding every channel of a case: 3D for one channel, 4D ``[X, Y, Z, C]`` for more."""
+    raw = _read_nifti(path, problems)
+    if raw is None:
+        return [None]
+    data, affine, zooms = raw
+    if data.ndim == 4 and data.shape[3] == num_channels:
+        spacing = (zooms[0], zooms[1], zooms[2])
+        return [_Volume(data[..., c], affine, spacing) for c in range(num_channels)]
+    if data.ndim in (2, 3) and num_channels == 1:
+        return [_as_volume(path, data, affine, zooms, problems)]
+    if data.ndim in (2, 3, 4):
+        found = data.shape[3] if data.ndim == 4 else 1
+        problems.append(
+            (str(path), f"image has {found} channel(s) (shape {data.shape}) but dataset.json "
+             f"declares {num_channels} modalities; multi-channel images must be 4D [X, Y, Z, C]")
+        )
+    else:
+        problems.append(
+            (str(path), f"expected a 3D image or a 4D [X, Y, Z, C] image, got shape {data.shape} ({data.ndim}D)")
+        )
+    return [None]
+
+
 def _read_volume(path: Path, problems: Problems) -> _Volume | None:
+    raw = _read_nifti(path, problems)
+    if raw is None:
+        return None
+    data, affine, zooms = raw
+    return _as_volume(path, data, affine, zooms, problems)
+
+
+def _read_nifti(path: Path, problems: Problems) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]] | None:
     try:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -412,6 +582,12 @@ def _read_volume(path: Path, problems: Problems) -> _Volume | None:
     except (nib.filebasedimages.ImageFileError, OSError, zlib.error, ValueError, TypeError) as exc:
         problems.append((str(path), f"not a readable NIfTI file (corrupt or wrong format): {exc}"))
         return None
+    return data, affine, zooms
+
+
+def _as_volume(
+    path: Path, data: np.ndarray, affine: np.ndarray, zooms: tuple[float, ...], problems: Problems
+) -> _Volume | None:
     if data.ndim not in (2, 3):
         problems.append(
             (str(path), f"expected 2 or 3 spatial dimensions, got shape {data.shape} ({data.ndim}D)")
@@ -423,16 +599,16 @@ def _read_volume(path: Path, problems: Problems) -> _Volume | None:
     return _Volume(data, affine, (zooms[0], zooms[1], zooms[2]))
 
 
-def _check_finite(path: Path, data: np.ndarray, problems: Problems) -> None:
+def _check_finite(path: Path, data: np.ndarray, problems: Problems, where: str = "") -> None:
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
-        problems.append((str(path), f"image holds {bad} NaN/Inf voxel(s)"))
+        problems.append((str(path), f"image{where} holds {bad} NaN/Inf voxel(s)"))
 
 
-def _check_not_constant(path: Path, data: np.ndarray, problems: Problems) -> None:
+def _check_not_constant(path: Path, data: np.ndarray, problems: Problems, where: str = "") -> None:
     if data.size and np.all(data == data.flat[0]):
         problems.append(
-            (str(path), f"constant image (every voxel is {data.flat[0]:g}), "
+            (str(path), f"constant image{where} (every voxel is {data.flat[0]:g}), "
              "intensity normalisation would divide by zero")
         )
 

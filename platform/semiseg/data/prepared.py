@@ -1,19 +1,30 @@
-"""Cases of one split, loaded, normalised and arranged for training and evaluation.
+"""Cases of one split, preprocessed and arranged for training and evaluation.
 
 Training uses 2D slices (``data.dims = 2``, slices along the last axis) or whole 3D
 volumes (``data.dims = 3``); validation and test always run on whole cases so that
 metrics are per case in millimetres.
+
+Cases go through :func:`semiseg.data.preprocess.preprocess_case` (canonical
+orientation, optional crop and resampling, intensity normalisation), either in
+memory or through the Parquet cache of :mod:`semiseg.data.cache`. Evaluation
+therefore happens in the preprocessed space: the predicted and reference label
+maps are compared on the resampled grid, and distances (HD95, ASD) are in mm of
+the preprocessed spacing (``EvalCase.spacing``), not on the original grid.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from semiseg.data.cache import CachedDataset, Progress, build_cache
 from semiseg.data.errors import DatasetError
-from semiseg.data.layout import DatasetLayout, LoadedCase, load_case, read_layout
+from semiseg.data.layout import DatasetLayout, load_case, read_dataset
+from semiseg.data.preprocess import PreprocessedCase, PreprocessSettings, normalise, preprocess_case
 from semiseg.data.splits import Split, make_split
 
 
@@ -57,18 +68,18 @@ class PreparedData:
 
 
 def normalise_image(image: np.ndarray) -> np.ndarray:
-    """Z-score each channel of ``image`` ``[C, ...]`` over all its voxels.
+    """Z-score each channel of ``image`` ``[C, X, Y, Z]`` over all its voxels.
+
+    Args:
+        image: The image.
+
+    Returns:
+        float32 image of the same shape.
 
     Raises:
         ValueError: a channel is constant (its standard deviation is 0).
     """
-    image = image.astype(np.float32, copy=True)
-    for channel in range(image.shape[0]):
-        std = float(image[channel].std())
-        if std == 0.0:
-            raise ValueError("constant image channel: intensity normalisation would divide by zero")
-        image[channel] = (image[channel] - float(image[channel].mean())) / std
-    return image
+    return normalise(image, "zscore")
 
 
 def to_slices(volume: np.ndarray) -> np.ndarray:
@@ -77,17 +88,27 @@ def to_slices(volume: np.ndarray) -> np.ndarray:
 
 
 def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: int, num_test: int,
-                  split_seed: int, dims: int) -> PreparedData:
-    """Split ``layout`` by case and load every role.
+                  split_seed: int, dims: int, cache_root: str | Path | None = None,
+                  settings: PreprocessSettings | None = None, progress: Progress | None = None) -> PreparedData:
+    """Split ``layout`` by case and load every role, preprocessed.
+
+    Training samples of different in-plane (2D) or volume (3D) shapes are padded
+    to the largest one, centred: images with each case's per-channel minimum,
+    labels with background (0). Evaluation cases keep their own shapes.
 
     Args:
-        layout: a dataset read by :func:`semiseg.data.read_layout`.
+        layout: a dataset read by :func:`semiseg.data.layout.read_dataset`.
         num_labelled, num_validation, num_test: cases per role (the rest is unlabelled).
         split_seed: seed of the case-level split.
-        dims: 2 (training on slices) or 3 (training on volumes).
+        dims: 2 (training on slices) or 3 (training on volumes); overrides ``settings.dims``.
+        cache_root: where the Parquet cache of the whole dataset is built once
+            (or reused); None preprocesses the split's cases in memory.
+        settings: preprocessing; None is ``PreprocessSettings()`` (canonical
+            orientation, no resampling or crop, z-score over all voxels).
+        progress: ``progress(done, total, case_id)`` while a cache is built.
 
     Returns:
-        The prepared arrays.
+        The prepared arrays; ``EvalCase.spacing`` is the preprocessed spacing in mm.
 
     Raises:
         DatasetError: a file cannot be used, or the budget exceeds the labelled cases.
@@ -96,43 +117,65 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
         raise DatasetError.single("data.dims", f"must be 2 or 3, got {dims}")
     split = make_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=num_labelled,
                        num_validation=num_validation, num_test=num_test, seed=split_seed)
-    declared = layout.class_ids
-
-    def load(case_id: str) -> LoadedCase:
-        case = load_case(layout.get_case(case_id), declared)
-        try:
-            image = normalise_image(case.image)
-        except ValueError as error:
-            raise DatasetError.single(case.case_id, str(error)) from None
-        return LoadedCase(case.case_id, image, case.label, case.spacing, case.affine)
-
-    labelled = [load(case_id) for case_id in split.labelled]
-    unlabelled = [load(case_id) for case_id in split.unlabelled]
-    images_l = _training_samples([c.image for c in labelled], dims)
-    labels_l = _training_samples([c.label for c in labelled], dims).astype(np.int64)
-    images_u = (_training_samples([c.image for c in unlabelled], dims) if unlabelled
-                else np.zeros((0, *images_l.shape[1:]), np.float32))
-    evaluation = {role: [_eval_case(load(case_id)) for case_id in getattr(split, role)]
+    settings = dataclasses.replace(settings or PreprocessSettings(), dims=dims)
+    if cache_root is None:
+        def load(case_ids: Sequence[str]) -> list[PreprocessedCase]:
+            return [_preprocess_in_memory(layout, case_id, settings) for case_id in case_ids]
+    else:
+        load = CachedDataset(build_cache(layout, settings, Path(cache_root), progress=progress).path).read_cases
+    labelled = load(split.labelled)
+    unlabelled = load(split.unlabelled)
+    images = _training_samples([c.image for c in labelled + unlabelled], dims,
+                               [_background(c.image, dims) for c in labelled + unlabelled])
+    labels_l = _training_samples([c.label for c in labelled], dims, [0] * len(labelled),
+                                 images.shape[2:]).astype(np.int64)
+    evaluation = {role: [_eval_case(case) for case in load(getattr(split, role))]
                   for role in ("validation", "test")}
-    return PreparedData(images_l, labels_l, images_u, evaluation["validation"], evaluation["test"],
-                        tuple(declared), layout.num_channels, split)
+    return PreparedData(images[:len(labels_l)], labels_l, images[len(labels_l):], evaluation["validation"],
+                        evaluation["test"], tuple(layout.class_ids), layout.num_channels, split)
 
 
-def _training_samples(volumes: list[np.ndarray], dims: int) -> np.ndarray:
-    if dims == 2:
-        return np.concatenate([to_slices(v) for v in volumes])
-    shapes = {v.shape for v in volumes}
-    if len(shapes) != 1:
-        raise DatasetError.single("data.dims", f"3D training needs equal case shapes here, got {sorted(shapes)}")
-    return np.stack(volumes)
+def _preprocess_in_memory(layout: DatasetLayout, case_id: str, settings: PreprocessSettings) -> PreprocessedCase:
+    case = layout.get_case(case_id)
+    loaded = load_case(case, layout.class_ids)
+    try:
+        return preprocess_case(loaded, settings)
+    except ValueError as error:
+        raise DatasetError.single(case.image_paths[0], f"cannot preprocess case {case_id!r}: {error}") from None
 
 
-def _eval_case(case: LoadedCase) -> EvalCase:
+def _background(image: np.ndarray, dims: int) -> np.ndarray:
+    """Per-channel minimum of ``image [C, ...]``, shaped to broadcast over one sample's channels."""
+    return image.reshape(image.shape[0], -1).min(axis=1).reshape(-1, *[1] * dims)
+
+
+def _training_samples(volumes: list[np.ndarray], dims: int, fills: list[np.ndarray | int],
+                      shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Slices (dims 2) or volumes (dims 3) of every volume, padded to ``shape`` (default: the largest)."""
+    samples = [to_slices(v) for v in volumes] if dims == 2 else [v[None] for v in volumes]
+    if shape is None:
+        shape = tuple(int(n) for n in np.max([s.shape[-dims:] for s in samples], axis=0))
+    return np.concatenate([_pad(s, shape, fill) for s, fill in zip(samples, fills)])
+
+
+def _pad(samples: np.ndarray, shape: tuple[int, ...], fill: np.ndarray | int) -> np.ndarray:
+    """Pad the last ``len(shape)`` axes of ``samples`` to ``shape``, centred, with ``fill``."""
+    extra = [target - have for target, have in zip(shape, samples.shape[-len(shape):])]
+    if not any(extra):
+        return samples
+    out = np.empty((*samples.shape[:-len(shape)], *shape), samples.dtype)
+    out[...] = fill
+    index = tuple(slice(e // 2, e // 2 + have) for e, have in zip(extra, samples.shape[-len(shape):]))
+    out[(Ellipsis, *index)] = samples
+    return out
+
+
+def _eval_case(case: PreprocessedCase) -> EvalCase:
     if case.label is None:
         raise DatasetError.single(case.case_id, "evaluation case has no label")
     return EvalCase(case.case_id, case.image, case.label.astype(np.int64), case.spacing)
 
 
 def open_dataset(path: str | Path) -> DatasetLayout:
-    """Read a dataset folder in the nnU-Net raw layout (see :func:`semiseg.data.read_layout`)."""
-    return read_layout(path)
+    """Read a dataset folder in the nnU-Net v2 or Decathlon layout (see :func:`semiseg.data.layout.read_dataset`)."""
+    return read_dataset(path)

@@ -51,3 +51,4 @@ def build_model(name: str, *, dims: int, in_channels: int, num_classes: int, dep
 
 def _import_builtin_models() -> None:
     import semiseg.models.unet  # noqa: F401
+    import semiseg.models.vnet  # noqa: F401

@@ -24,6 +24,7 @@ class TrialRow:
     test_dice: float
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def trial_status(epochs: int, max_epochs: int, diverged: bool, error: bool) -> str:
@@ -59,7 +60,8 @@ def rows_from_results(results: Iterable[Any], phase: str, searched_keys: Sequenc
             epochs=epochs, best_val_dice=best_val, best_epoch=best_epoch,
             test_dice=float(metrics.get(METRIC_TEST_DICE, float("nan"))),
             status=trial_status(epochs, max_epochs, bool(metrics.get(METRIC_DIVERGED)), result.error is not None),
-            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k}))
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k},
+            config={k: v for k, v in config.items() if "." in k and not k.startswith("_")}))
     return rows
 
 
@@ -97,3 +99,42 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     mean = sum(finite) / len(finite)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+
+
+FINAL_METRICS = ("dice", "jaccard", "hd95", "asd", "precision", "recall")
+
+
+def final_table(rows: Sequence[TrialRow], metrics: Sequence[str] = FINAL_METRICS,
+                prefix: str = "test") -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Mean, std and count over seeds of each ``{prefix}/{metric}``, per method (Table 1 of Perone).
+
+    Rows that diverged or failed count as missing values, not as zeros.
+    """
+    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for method in sorted({r.method for r in rows}):
+        runs = [r for r in rows if r.method == method]
+        table[method] = {}
+        for metric in metrics:
+            values = [r.metrics.get(f"{prefix}/{metric}", float("nan")) for r in runs]
+            mean, std = mean_std(values)
+            table[method][metric] = (mean, std, sum(1 for v in values if not math.isnan(v)))
+    return table
+
+
+def format_final_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
+    """The final table as text: ``mean (std)`` per metric, one line per method, best Dice first."""
+    if not table:
+        return ""
+    metrics = list(next(iter(table.values())))
+    headers = ["method", "n", *metrics]
+    order = sorted(table, key=lambda m: -(table[m].get("dice", (float("nan"),))[0]
+                                          if not math.isnan(table[m].get("dice", (float("nan"),))[0]) else -1))
+    lines = []
+    for method in order:
+        cells = [method, str(max(v[2] for v in table[method].values()))]
+        cells += [f"{mean:.4f} ({std:.4f})" if not math.isnan(mean) else "-"
+                  for mean, std, _ in table[method].values()]
+        lines.append(cells)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([render(headers), render(["-" * w for w in widths]), *map(render, lines)])

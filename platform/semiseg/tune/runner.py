@@ -2,10 +2,12 @@
 
 Phases of one invocation (one MLflow parent run):
 
-1. the searched trials: Ray Tune with Optuna's TPE (seeded, in an RDB storage so the
-   study can resume) behind a concurrency limit, and ASHA on the reported ``epoch``;
-2. the baselines: fixed configurations (e.g. the supervised model on the same labelled
-   cases), one trial per seed, so the comparison at the end has a spread.
+1. the searches: Ray Tune with Optuna's TPE (seeded, in an RDB storage so the study can
+   resume) behind a concurrency limit, and ASHA on the reported ``epoch``; one search,
+   or one per method with the same trial budget;
+2. the final phase: the top configurations of each search and the baselines (e.g. the
+   supervised model on the same labelled cases) re-run to the end with the same seeds,
+   so methods are compared as mean (std) over seeds, not as one lucky trial.
 
 Input errors (a missing or malformed dataset, a bad config key) print one clear message
 and exit with status 2, without a traceback.
@@ -29,7 +31,9 @@ from semiseg.data.source import PHANTOM, resolve_dataset
 from semiseg.data.splits import make_split
 from semiseg.tracking import (Tracker, default_tracking_uri, mlflow_ui_command, study_tags)
 from semiseg.tune.cli import StudyArgs, parse_args
-from semiseg.tune.results import TrialRow, best_row, format_table, mean_std, rows_from_results
+from semiseg.tune.results import (TrialRow, best_row, final_table, format_final_table, format_table,
+                                  rows_from_results)
+from semiseg.tune.space import method_space
 from semiseg.tune.study import Study
 from semiseg.train.loop import VARIANT_KEY, expand_trial_config
 from semiseg.tune.trainables import STORAGE_KEY, make_trainable
@@ -49,8 +53,8 @@ class StudyOutcome:
     parent_run_id: str | None
     rows: list[TrialRow] = field(default_factory=list)
     best: TrialRow | None = None
-    baseline_val_dice: tuple[float, float] = (float("nan"), float("nan"))
-    baseline_test_dice: tuple[float, float] = (float("nan"), float("nan"))
+    final: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict)
+    final_val: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict)
 
 
 def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
@@ -126,6 +130,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     tracking_uri = args.tracking_uri or default_tracking_uri(runs_root)
     max_epochs = int(base["train.max_epochs"])
     num_samples = args.num_samples or (study.smoke_num_samples if args.smoke else study.num_samples)
+    final_seeds = study.smoke_final_seeds if args.smoke and study.final_seeds else study.final_seeds
     base = {**base, STORAGE_KEY: str(runs_root / "ray")}
     state = _load_state(study_dir) if args.resume else {}
 
@@ -136,28 +141,29 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     experiment_id = tracker.experiment_id(study.name)
     parent_run_id = state.get("parent_run_id")
     if parent_run_id is None and experiment_id is not None:
-        methods = [str(base["method.name"])] + [str(b.get("method.name", base["method.name"]))
-                                                for b in study.baselines]
-        parent_run_id = tracker.start_run(experiment_id, f"{study.name}", study_tags(study.name, methods, dataset_name))
+        parent_run_id = tracker.start_run(experiment_id, study.name,
+                                          study_tags(study.name, _study_methods(study, base), dataset_name))
         if parent_run_id:
-            tracker.log_params(parent_run_id, {k: v for k, v in base.items() if not k.startswith("_")})
+            tracker.log_params(parent_run_id, _public(base))
     state.update({"parent_run_id": parent_run_id, "tracking_uri": tracking_uri})
     _save_state(study_dir, state)
-    print(f"\n== study {study.name}: {study.description}\n   dataset {dataset_name}, "
-          f"{num_samples} searched trials x {max_epochs} epochs, MLflow {tracking_uri}\n", flush=True)
+    searches = _searches(study, base)
+    print(f"\n== study {study.name}: {study.description}\n   dataset {dataset_name}; "
+          f"{len(searches)} search(es) of {num_samples} trials, {max_epochs} epochs each; "
+          f"final phase with {max(1, final_seeds)} seed(s); MLflow {tracking_uri}\n", flush=True)
 
     context = _PhaseContext(study, args, base, tracker, experiment_id, parent_run_id, dataset_name,
                             max_epochs, runs_root, study_dir)
     rows: list[TrialRow] = []
-    if study.search_space is not None:
-        rows += _run_search(context, num_samples, state)
-    baseline_rows: list[TrialRow] = []
-    if study.baselines and not args.skip_baselines:
-        baseline_rows = _run_baselines(context, state)
-        rows += baseline_rows
+    for phase, space, phase_base in searches:
+        rows += _run_search(context, phase, space, phase_base, num_samples, state)
+    variants = _final_variants(study, base, rows, final_seeds, args)
+    if variants:
+        shown = sorted({f"method.{k}" for _, space, _ in searches for k in getattr(space, "keys", [])})
+        rows += _run_fixed(context, "final", variants, shown + ["train.seed"])
 
-    outcome = _summarise(study, tracking_uri, parent_run_id, rows, baseline_rows)
-    _report(outcome, study, tracker, parent_run_id, study_dir)
+    outcome = _summarise(study, tracking_uri, parent_run_id, rows)
+    _report(outcome, tracker, parent_run_id, study_dir)
     if parent_run_id:
         tracker.end_run(parent_run_id, "FINISHED")
     state["finished"] = True
@@ -165,6 +171,48 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     if started_ray:
         ray.shutdown()
     return outcome
+
+
+def _study_methods(study: Study, base: dict[str, Any]) -> list[str]:
+    methods = list(study.methods) or [str(base["method.name"])]
+    return methods + [str(b.get("method.name", base["method.name"])) for b in study.baselines]
+
+
+def _searches(study: Study, base: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(phase name, search space, base config) of each search of the study."""
+    searches = []
+    if study.search_space is not None:
+        searches.append(("search", study.search_space, base))
+    for method, keys in study.methods.items():
+        if keys:
+            searches.append((f"search-{method}", method_space(method, keys), _config_for_method(base, method)))
+    return searches
+
+
+def _config_for_method(base: dict[str, Any], method: str) -> dict[str, Any]:
+    """``base`` with its method switched to ``method`` (its own defaults, the others' keys dropped)."""
+    private = {k: v for k, v in base.items() if k.startswith("_")}
+    public = _without_method_params(_public(base), {"method.name": method})
+    return {**ExperimentConfig.from_flat({**public, "method.name": method}).to_flat(), **private}
+
+
+def _final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], final_seeds: int,
+                    args: StudyArgs) -> list[dict[str, Any]]:
+    """Configurations of the final phase: each search's top-k and every baseline, per seed."""
+    configs: list[dict[str, Any]] = []
+    if final_seeds > 0:
+        for phase in sorted({r.phase for r in rows}):
+            ranked = sorted((r for r in rows if r.phase == phase and r.best_val_dice == r.best_val_dice),
+                            key=lambda r: -r.best_val_dice)
+            configs += [r.config for r in ranked[:study.final_top_k]]
+        configs += [_public(_config_for_method(base, m)) for m, keys in study.methods.items() if not keys]
+    if not args.skip_baselines:
+        for baseline in study.baselines:
+            method = str(baseline.get("method.name", base["method.name"]))
+            configs.append({**_public(_config_for_method(base, method)), **baseline})
+    seeds = range(max(1, final_seeds))
+    return [ExperimentConfig.from_flat({**config, "train.seed": args.seed + offset}).to_flat()
+            for config in configs for offset in seeds]
 
 
 @dataclass
@@ -186,18 +234,21 @@ class _PhaseContext:
         return MlflowTrialCallback(self.tracker, self.experiment_id, self.parent_run_id, self.study.name, phase,
                                    self.dataset_name, self.max_epochs)
 
-    def run_config(self, phase: str):
+    def run_config(self, phase: str, space: Any = None):
         from ray import tune
 
         return tune.RunConfig(name=f"{self.study.name}-{phase}", storage_path=str(self.runs_root / "ray"),
                               callbacks=[self.callback(phase)],
                               failure_config=tune.FailureConfig(max_failures=2),
                               checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                              progress_reporter=_progress_reporter(self.study, phase),
+                              progress_reporter=_progress_reporter(self.study.metric, space),
                               verbose=1)
 
     def trainable(self):
         return make_trainable(self.args.workers_per_trial, self.args.cpus_per_worker, self.args.gpus_per_worker)
+
+    def experiment_path(self, phase: str) -> Path:
+        return self.runs_root / "ray" / f"{self.study.name}-{phase}"
 
     def max_concurrent(self) -> int:
         if self.args.max_concurrent:
@@ -213,7 +264,8 @@ class _PhaseContext:
         return max(1, slots)
 
 
-def _run_search(context: _PhaseContext, num_samples: int, state: dict) -> list[TrialRow]:
+def _run_search(context: _PhaseContext, phase: str, space: Any, phase_base: dict[str, Any], num_samples: int,
+                state: dict) -> list[TrialRow]:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -222,58 +274,51 @@ def _run_search(context: _PhaseContext, num_samples: int, state: dict) -> list[T
     from semiseg.tune.searcher import EpochAwareOptunaSearch
 
     study, args = context.study, context.args
-    phase = "search"
-    path = context.runs_root / "ray" / f"{study.name}-{phase}"
-    trainable = context.trainable()
+    path = context.experiment_path(phase)
     if args.resume and tune.Tuner.can_restore(str(path)):
-        print(f"resuming the search from {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, resume_unfinished=True)
+        print(f"resuming {phase} from {path}", flush=True)
+        tuner = tune.Tuner.restore(str(path), context.trainable(), resume_errored=True, resume_unfinished=True)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{context.study_dir / 'optuna.db'}")
-        run_tag = state.setdefault("optuna_study", f"{study.name}-{context.parent_run_id or 'local'}")
+        optuna_name = state.setdefault(f"optuna_study/{phase}",
+                                       f"{study.name}-{phase}-{context.parent_run_id or 'local'}")
         sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=min(study.startup_trials, num_samples),
                                              multivariate=True, constant_liar=True)
-        searcher = EpochAwareOptunaSearch(space=study.search_space, metric=study.metric, mode=study.mode,
-                                          sampler=sampler, storage=storage, study_name=run_tag,
-                                          max_epochs=context.max_epochs)
-        concurrency = context.max_concurrent()
+        searcher = EpochAwareOptunaSearch(space=space, metric=study.metric, mode=study.mode, sampler=sampler,
+                                          storage=storage, study_name=optuna_name, max_epochs=context.max_epochs)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=context.max_epochs,
                                   grace_period=min(study.grace_period, context.max_epochs),
                                   reduction_factor=study.reduction_factor)
-        tuner = tune.Tuner(trainable, param_space=context.base,
-                           tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, concurrency),
-                                                       scheduler=scheduler, metric=study.metric, mode=study.mode,
-                                                       num_samples=num_samples,
-                                                       trial_dirname_creator=trial_dirname),
-                           run_config=context.run_config(phase))
+        tuner = tune.Tuner(context.trainable(), param_space=phase_base,
+                           tune_config=tune.TuneConfig(
+                               search_alg=ConcurrencyLimiter(searcher, context.max_concurrent()),
+                               scheduler=scheduler, metric=study.metric, mode=study.mode, num_samples=num_samples,
+                               trial_dirname_creator=trial_dirname),
+                           run_config=context.run_config(phase, space))
         _save_state(context.study_dir, state)
     results = tuner.fit()
-    searched = _searched_keys(results)
-    return rows_from_results(results, phase, searched, context.max_epochs)
+    keys = [f"method.{k}" for k in getattr(space, "keys", [])] or _searched_keys(results)
+    return rows_from_results(results, phase, keys, context.max_epochs)
 
 
-def _run_baselines(context: _PhaseContext, state: dict) -> list[TrialRow]:
+def _run_fixed(context: _PhaseContext, phase: str, variants: list[dict[str, Any]],
+               shown_keys: list[str]) -> list[TrialRow]:
+    """Run fixed configurations to the end (no early stopping), as many at once as fit."""
     from ray import tune
 
-    study, args = context.study, context.args
-    phase = "baseline"
-    path = context.runs_root / "ray" / f"{study.name}-{phase}"
-    trainable = context.trainable()
-    if args.resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, resume_unfinished=True)
+    path = context.experiment_path(phase)
+    if context.args.resume and tune.Tuner.can_restore(str(path)):
+        print(f"resuming {phase} from {path}", flush=True)
+        tuner = tune.Tuner.restore(str(path), context.trainable(), resume_errored=True, resume_unfinished=True)
     else:
-        seeds = study.smoke_baseline_seeds if args.smoke else study.baseline_seeds
-        variants = [ExperimentConfig.from_flat({**_without_method_params(_public(context.base), baseline),
-                                                **baseline, "train.seed": args.seed + offset}).to_flat()
-                    for baseline in study.baselines for offset in range(seeds)]
-        tuner = tune.Tuner(trainable,
-                           param_space={STORAGE_KEY: context.base[STORAGE_KEY], VARIANT_KEY: tune.grid_search(variants)},
+        param_space = {STORAGE_KEY: context.base[STORAGE_KEY], VARIANT_KEY: tune.grid_search(variants)}
+        tuner = tune.Tuner(context.trainable(), param_space=param_space,
                            tune_config=tune.TuneConfig(max_concurrent_trials=context.max_concurrent(),
-                                                       metric=study.metric, mode=study.mode,
+                                                       metric=context.study.metric, mode=context.study.mode,
                                                        trial_dirname_creator=trial_dirname),
                            run_config=context.run_config(phase))
     results = tuner.fit()
-    return rows_from_results(results, phase, ["train.seed"], context.max_epochs)
+    return rows_from_results(results, phase, shown_keys, context.max_epochs)
 
 
 def _without_method_params(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -290,46 +335,44 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
 def _searched_keys(results) -> list[str]:
     keys: set[str] = set()
     configs = [expand_trial_config(r.config or {}) for r in results]
-    for key in {k for c in configs for k in c if "." in k}:
+    for key in {k for c in configs for k in c if "." in k and not k.startswith("_")}:
         values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}
         if len(values) > 1:
             keys.add(key)
     return sorted(keys)
 
 
-def _summarise(study: Study, tracking_uri: str, parent_run_id: str | None, rows: list[TrialRow],
-               baseline_rows: list[TrialRow]) -> StudyOutcome:
-    searched = [r for r in rows if r.phase == "search"]
+def _summarise(study: Study, tracking_uri: str, parent_run_id: str | None, rows: list[TrialRow]) -> StudyOutcome:
+    searched = [r for r in rows if r.phase.startswith("search")]
+    final = [r for r in rows if r.phase == "final" and r.status == "completed"]
     return StudyOutcome(study=study.name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, rows=rows,
-                        best=best_row(searched),
-                        baseline_val_dice=mean_std([r.best_val_dice for r in baseline_rows]),
-                        baseline_test_dice=mean_std([r.test_dice for r in baseline_rows]))
+                        best=best_row(searched), final=final_table(final),
+                        final_val=final_table(final, ("dice",), prefix="val"))
 
 
-def _report(outcome: StudyOutcome, study: Study, tracker: Tracker, parent_run_id: str | None,
-            study_dir: Path) -> None:
-    keys = sorted({k for r in outcome.rows for k in r.params})
+def _report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, study_dir: Path) -> None:
+    keys = sorted({k for r in outcome.rows for k in r.params}, key=lambda k: (k == "train.seed", k))
     print("\n== trials\n" + format_table(outcome.rows, keys), flush=True)
     summary: dict[str, float] = {}
     if outcome.best is not None:
         best = outcome.best
-        print(f"\n== best searched configuration ({best.method}, trial {best.trial_id}): "
-              f"val/dice {best.best_val_dice:.4f} at epoch {best.best_epoch}, test/dice {best.test_dice:.4f}")
+        print(f"\n== best searched trial ({best.method}, {best.trial_id}): val/dice {best.best_val_dice:.4f} "
+              f"at epoch {best.best_epoch}, test/dice {best.test_dice:.4f}")
         for key, value in sorted(best.params.items()):
             print(f"   {key} = {value}")
         summary.update({"best/val_dice": best.best_val_dice, "best/test_dice": best.test_dice})
-    mean_val, std_val = outcome.baseline_val_dice
-    mean_test, std_test = outcome.baseline_test_dice
-    if mean_val == mean_val:
-        print(f"== baseline ({', '.join(sorted({r.method for r in outcome.rows if r.phase == 'baseline'}))}, "
-              f"same labelled cases): val/dice {mean_val:.4f} ± {std_val:.4f}, "
-              f"test/dice {mean_test:.4f} ± {std_test:.4f}")
-        summary.update({"baseline/val_dice": mean_val, "baseline/test_dice": mean_test})
-        if outcome.best is not None:
-            print(f"== best searched minus baseline: val/dice {outcome.best.best_val_dice - mean_val:+.4f}, "
-                  f"test/dice {outcome.best.test_dice - mean_test:+.4f}")
+    if outcome.final:
+        print("\n== final phase: mean (std) over seeds of the test metrics (whole cases; HD95/ASD in mm)\n"
+              + format_final_table(outcome.final))
+        for method, metrics in outcome.final.items():
+            for metric, (mean, std, count) in metrics.items():
+                summary[f"final/{method}/{metric}_mean"] = mean
+                summary[f"final/{method}/{metric}_std"] = std
+            val_mean = outcome.final_val.get(method, {}).get("dice", (float("nan"),))[0]
+            summary[f"final/{method}/val_dice_mean"] = val_mean
+        _print_against_supervised(outcome)
     payload = {"study": outcome.study, "tracking_uri": outcome.tracking_uri, "parent_run_id": parent_run_id,
-               "summary": summary, "trials": [asdict(r) for r in outcome.rows]}
+               "summary": summary, "final": outcome.final, "trials": [asdict(r) for r in outcome.rows]}
     (study_dir / RESULTS_FILE).write_text(json.dumps(payload, indent=2, default=str))
     if parent_run_id:
         tracker.log_metrics(parent_run_id, {k: v for k, v in summary.items() if v == v}, step=0)
@@ -338,17 +381,33 @@ def _report(outcome: StudyOutcome, study: Study, tracker: Tracker, parent_run_id
           flush=True)
 
 
+def _print_against_supervised(outcome: StudyOutcome) -> None:
+    reference = outcome.final.get("supervised")
+    if reference is None:
+        return
+    ref_test = reference["dice"][0]
+    ref_val = outcome.final_val.get("supervised", {}).get("dice", (float("nan"),))[0]
+    for method, metrics in sorted(outcome.final.items()):
+        if method == "supervised":
+            continue
+        val = outcome.final_val.get(method, {}).get("dice", (float("nan"),))[0]
+        verdict = "beats" if metrics["dice"][0] > ref_test else "does not beat"
+        print(f"== {method} {verdict} supervised on the same labelled cases: test/dice "
+              f"{metrics['dice'][0]:.4f} vs {ref_test:.4f} ({metrics['dice'][0] - ref_test:+.4f}), "
+              f"val/dice {val:.4f} vs {ref_val:.4f}")
+
+
 def trial_dirname(trial) -> str:
     """Short trial folder names (Tune's default embeds the whole config)."""
     return f"trial_{trial.trial_id}"
 
 
-def _progress_reporter(study: Study, phase: str):
-    """Concise progress: epoch, the metric and the loss, plus the searched keys in the search phase."""
+def _progress_reporter(metric: str, space: Any):
+    """Concise progress: epoch, the metric and the loss, plus the searched keys of a search phase."""
     from ray.tune import CLIReporter
 
-    keys = [f"method.{k}" for k in getattr(study.search_space, "keys", [])] if phase == "search" else []
-    return CLIReporter(metric_columns={"epoch": "epoch", study.metric: study.metric, "train/loss": "train/loss"},
+    keys = [f"method.{k}" for k in getattr(space, "keys", [])]
+    return CLIReporter(metric_columns={"epoch": "epoch", metric: metric, "train/loss": "train/loss"},
                        parameter_columns=keys, max_report_frequency=30, sort_by_metric=True)
 
 

@@ -3,49 +3,55 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 SearchSpace = Callable[[Any], "Mapping[str, Any] | None"]
 
 
 @dataclass(frozen=True)
 class Study:
-    """A study: base configuration, search space, budget and reference baselines.
+    """A study: base configuration, searches, baselines, final re-runs and budget.
 
     Attributes:
         name: experiment name in MLflow and folder name under the runs folder.
         description: one line printed at the start.
         base: dotted-key overrides of the defaults shared by every trial.
-        search_space: Optuna define-by-run function ``(trial) -> constants``; it suggests
-            dotted keys (``trial.suggest_float("optim.lr", ...)``) and may return derived
-            constants (e.g. ``method.ema_decay = 1 - complement``).
-        baselines: fixed overrides run once each (e.g. the supervised baseline on the same
-            labelled cases), compared with the best searched trial at the end.
+        search_space: Optuna define-by-run function ``(trial) -> constants`` for one search
+            over ``base``; it suggests dotted keys and may return derived constants (e.g.
+            ``method.ema_decay = 1 - complement``). Must be picklable (a class instance or
+            a module-level function) so that a study can resume.
+        methods: method name → hyperparameter names to search; one search per method with
+            the same trial budget (a method with no names runs at its defaults only).
+        baselines: fixed overrides (e.g. the supervised model on the same labelled cases),
+            run in the final phase with the same seeds as the searched winners.
+        final_seeds: seeds of the final phase; the top ``final_top_k`` configurations of each
+            search are re-run with each seed next to the baselines (0: only the baselines,
+            once), so results are reported as mean (std), not as one lucky trial.
+        final_top_k: configurations of each search re-run in the final phase.
         metric, mode: what Tune, ASHA and Optuna optimise.
-        num_samples: searched trials by default.
-        max_epochs: epochs per trial by default.
+        num_samples: searched trials (per search) by default.
         grace_period: epochs before ASHA may stop a trial.
         reduction_factor: ASHA's η.
         startup_trials: random trials before TPE models the space.
-        baseline_seeds: seeds per baseline configuration.
         smoke: config overrides applied with ``--smoke`` (a minutes-long check of the path).
         smoke_num_samples: searched trials with ``--smoke``.
-        smoke_baseline_seeds: seeds per baseline with ``--smoke``.
+        smoke_final_seeds: final seeds with ``--smoke``.
     """
 
     name: str
     description: str
     base: Mapping[str, Any] = field(default_factory=dict)
     search_space: SearchSpace | None = None
+    methods: Mapping[str, Sequence[str]] = field(default_factory=dict)
     baselines: tuple[Mapping[str, Any], ...] = ()
+    final_seeds: int = 0
+    final_top_k: int = 1
     metric: str = "val/dice"
     mode: str = "max"
     num_samples: int = 12
-    max_epochs: int = 30
     grace_period: int = 5
     reduction_factor: int = 3
     startup_trials: int = 4
-    baseline_seeds: int = 2
     smoke: Mapping[str, Any] = field(default_factory=dict)
     smoke_num_samples: int = 2
-    smoke_baseline_seeds: int = 1
+    smoke_final_seeds: int = 1
