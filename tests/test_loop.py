@@ -69,3 +69,21 @@ def test_pretraining_stage_precedes_the_semi_supervised_stage(tiny_config):
     first, second = session.reports
     assert first["train/pretraining"] == 1.0 and "train/loss_cons" not in first
     assert second["train/pretraining"] == 0.0 and second["train/loss_cons"] > 0
+
+
+def test_3d_vnet_trains_on_patches_and_validates_whole_cases(tiny_config):
+    session = LocalSession()
+    config = {**tiny_config, "data.phantom_shape": "32x32x16", "data.dims": 3, "data.patch_size": "16x16x8",
+              "model.name": "vnet", "train.batch_size": 2, "train.labelled_per_batch": 1,
+              "method.name": "mean_teacher", "train.val_batch_size": 4}
+    run_training(config, session)
+    assert [r["epoch"] for r in session.reports] == [1.0, 2.0]
+    assert all(0.0 <= r["val/dice"] <= 1.0 for r in session.reports)
+    assert session.reports[-1]["val/hd95_nan_cases"] >= 0
+
+
+def test_patch_size_needs_3d(tiny_config):
+    from semiseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.dims=3"):
+        run_training({**tiny_config, "data.patch_size": "16x16x8"}, LocalSession())

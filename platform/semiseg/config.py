@@ -29,7 +29,9 @@ class DataConfig:
     """Where the cases come from and how they are split.
 
     ``dataset`` is ``"phantom"`` (a generated dataset written in the nnU-Net raw layout
-    under ``phantom_root``) or the path of a folder in that layout.
+    under ``phantom_root``) or the path of a folder in that layout. ``patch_size``
+    (``"64x64x32"``) trains 3D models on random patches and validates whole cases with
+    sliding-window inference; empty trains on whole volumes.
     """
 
     dataset: str = "phantom"
@@ -43,6 +45,7 @@ class DataConfig:
     num_test: int = 8
     split_seed: int = 0
     dims: int = 2
+    patch_size: str = ""
 
 
 @dataclass
@@ -95,6 +98,8 @@ class TrainConfig:
     augment_noise_std: float = 0.1
     augment_intensity: float = 0.1
     evaluate_test: bool = True
+    foreground_fraction: float = 0.33
+    val_overlap: float = 0.5
 
 
 @dataclass

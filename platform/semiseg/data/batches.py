@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from semiseg.data.patches import PatchSampler
+
 
 def rank_indices(count: int, rank: int, world_size: int) -> np.ndarray:
     """Indices ``rank, rank + world, ...`` of a pool of ``count`` samples.
@@ -24,7 +26,9 @@ class MixedBatchSampler:
     """Draws batches of ``labelled_per_batch`` labelled and ``unlabelled_per_batch`` unlabelled samples.
 
     Sampling is with replacement from this rank's part of each pool, from a generator
-    seeded by ``(seed, rank, epoch)`` so a resumed epoch draws the same batches.
+    seeded by ``(seed, rank, epoch)`` so a resumed epoch draws the same batches. With
+    ``patch_size`` (3D), each sample is a random patch of a volume, a ``foreground_fraction``
+    of the labelled ones centred on foreground (nnU-Net's oversampling).
     """
 
     labelled_images: np.ndarray
@@ -35,12 +39,20 @@ class MixedBatchSampler:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    patch_size: tuple[int, int, int] | None = None
+    foreground_fraction: float = 0.33
 
     def __post_init__(self) -> None:
         if len(self.labelled_images) == 0:
             raise ValueError("no labelled samples to train on")
         self._labelled = rank_indices(len(self.labelled_images), self.rank, self.world_size)
         self._unlabelled = rank_indices(len(self.unlabelled_images), self.rank, self.world_size)
+        if self.patch_size is not None:
+            self._patches_l = PatchSampler([self.labelled_images[i] for i in self._labelled],
+                                           [self.labelled_labels[i] for i in self._labelled], self.patch_size)
+            self._patches_u = (PatchSampler([self.unlabelled_images[i] for i in self._unlabelled], None,
+                                            self.patch_size) if len(self._unlabelled) else None)
+            return
         self._labelled_t = torch.from_numpy(self.labelled_images)
         self._labels_t = torch.from_numpy(self.labelled_labels)
         self._unlabelled_t = torch.from_numpy(self.unlabelled_images)
@@ -50,9 +62,21 @@ class MixedBatchSampler:
         rng = np.random.default_rng([self.seed, self.rank, epoch])
         pin = torch.device(device).type == "cuda"
         for _ in range(steps):
-            idx_l = torch.from_numpy(rng.choice(self._labelled, self.labelled_per_batch))
-            batch = {"image_l": self._labelled_t[idx_l], "label_l": self._labels_t[idx_l]}
-            if self.unlabelled_per_batch > 0 and len(self._unlabelled) > 0:
-                idx_u = torch.from_numpy(rng.choice(self._unlabelled, self.unlabelled_per_batch))
-                batch["image_u"] = self._unlabelled_t[idx_u]
+            batch = self._patch_batch(rng) if self.patch_size is not None else self._sample_batch(rng)
             yield {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+
+    def _sample_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx_l = torch.from_numpy(rng.choice(self._labelled, self.labelled_per_batch))
+        batch = {"image_l": self._labelled_t[idx_l], "label_l": self._labels_t[idx_l]}
+        if self.unlabelled_per_batch > 0 and len(self._unlabelled) > 0:
+            idx_u = torch.from_numpy(rng.choice(self._unlabelled, self.unlabelled_per_batch))
+            batch["image_u"] = self._unlabelled_t[idx_u]
+        return batch
+
+    def _patch_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        images, labels = self._patches_l.sample(self.labelled_per_batch, rng, self.foreground_fraction)
+        batch = {"image_l": torch.from_numpy(images), "label_l": torch.from_numpy(labels).long()}
+        if self.unlabelled_per_batch > 0 and self._patches_u is not None:
+            images_u, _ = self._patches_u.sample(self.unlabelled_per_batch, rng, 0.0)
+            batch["image_u"] = torch.from_numpy(images_u)
+        return batch

@@ -10,18 +10,21 @@ from torch import nn
 
 from semiseg.data.prepared import EvalCase, to_slices
 from semiseg.metrics import multiclass_metrics, summarize
+from semiseg.train.sliding_window import sliding_window_inference
 
 
 @torch.no_grad()
 def predict_case(model: nn.Module, image: np.ndarray, dims: int, batch_size: int,
-                 device: torch.device | str = "cpu", amp: bool = False) -> np.ndarray:
+                 device: torch.device | str = "cpu", amp: bool = False,
+                 patch_size: Sequence[int] | None = None, overlap: float = 0.5) -> np.ndarray:
     """Predict the label map of a whole case.
 
     Args:
         model: network in eval mode returning logits.
         image: ``[C, X, Y, Z]``.
-        dims: 2 (slice by slice along Z, re-stacked into the volume) or 3 (whole volume).
-        batch_size: slices per forward pass.
+        dims: 2 (slice by slice along Z, re-stacked into the volume) or 3 (whole volume,
+            or sliding windows of ``patch_size`` with ``overlap``).
+        batch_size: slices (or 3D tiles) per forward pass.
         device: where to run.
         amp: autocast on CUDA.
 
@@ -29,6 +32,10 @@ def predict_case(model: nn.Module, image: np.ndarray, dims: int, batch_size: int
         ``[X, Y, Z]`` int64 labels.
     """
     device = torch.device(device)
+    if dims == 3 and patch_size:
+        probs = sliding_window_inference(model, image, patch_size, overlap=overlap, batch_size=batch_size,
+                                         device=device, amp=amp)
+        return probs.argmax(0).cpu().numpy().astype(np.int64)
     with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
         if dims == 3:
             logits = model(torch.from_numpy(image[None]).to(device))
@@ -40,7 +47,8 @@ def predict_case(model: nn.Module, image: np.ndarray, dims: int, batch_size: int
 
 
 def evaluate_cases(model: nn.Module, cases: Sequence[EvalCase], class_ids: Sequence[int], dims: int,
-                   batch_size: int, device: torch.device | str = "cpu", amp: bool = False) -> list[dict]:
+                   batch_size: int, device: torch.device | str = "cpu", amp: bool = False,
+                   patch_size: Sequence[int] | None = None, overlap: float = 0.5) -> list[dict]:
     """Per-case metrics (Dice, Jaccard, ..., HD95 and ASD in mm) of ``model`` on ``cases``.
 
     Returns:
@@ -53,7 +61,7 @@ def evaluate_cases(model: nn.Module, cases: Sequence[EvalCase], class_ids: Seque
     results = []
     try:
         for case in cases:
-            prediction = predict_case(model, case.image, dims, batch_size, device, amp)
+            prediction = predict_case(model, case.image, dims, batch_size, device, amp, patch_size, overlap)
             metrics = multiclass_metrics(prediction, case.label, case.spacing, foreground)
             results.append({"case_id": case.case_id, **metrics})
     finally:

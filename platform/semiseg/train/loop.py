@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from semiseg.augment import AugmentSettings
-from semiseg.config import ExperimentConfig
+from semiseg.config import ConfigError, ExperimentConfig, parse_shape
 from semiseg.data.batches import MixedBatchSampler
 from semiseg.data.prepared import PreparedData, prepare_split
 from semiseg.data.source import resolve_dataset
@@ -111,7 +111,8 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
                                 labelled_per_batch=cfg.train.labelled_per_batch,
                                 unlabelled_per_batch=(cfg.train.batch_size - cfg.train.labelled_per_batch
                                                       if method.uses_unlabelled else 0),
-                                rank=session.rank, world_size=session.world_size, seed=cfg.train.seed)
+                                rank=session.rank, world_size=session.world_size, seed=cfg.train.seed,
+                                patch_size=_patch_size(cfg), foreground_fraction=cfg.train.foreground_fraction)
     while state.epoch < cfg.train.max_epochs and not state.diverged:
         metrics = _train_epoch(cfg, method, optimizers, scaler, sampler, state, device,
                                _GradientSync(manual_sync, session.world_size))
@@ -125,6 +126,20 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
         state.history.append(metrics)
         _report(session, metrics, method, optimizers, scaler, state)
     return state
+
+
+def _patch_size(cfg: ExperimentConfig) -> tuple[int, int, int] | None:
+    """The 3D training patch, or None for whole samples.
+
+    Raises:
+        ConfigError: a patch for 2D training, or not three positive sizes.
+    """
+    if not cfg.data.patch_size:
+        return None
+    shape = parse_shape(cfg.data.patch_size, "data.patch_size")
+    if cfg.data.dims != 3 or len(shape) != 3:
+        raise ConfigError(f"data.patch_size {cfg.data.patch_size!r} needs data.dims=3 and three sizes")
+    return shape  # type: ignore[return-value]
 
 
 def _device(session: Session) -> torch.device:
@@ -345,7 +360,7 @@ def _evaluate_sharded(model: torch.nn.Module, cases: list, data: PreparedData, c
     """Each rank evaluates every ``world_size``-th case; rank results are gathered on all ranks."""
     mine = cases[session.rank::session.world_size]
     results = evaluate_cases(_unwrapped(model), mine, data.class_ids, cfg.data.dims, cfg.train.val_batch_size,
-                             device, cfg.train.amp)
+                             device, cfg.train.amp, _patch_size(cfg), cfg.train.val_overlap)
     if session.world_size > 1 and dist.is_initialized():
         gathered: list[list[dict]] = [[] for _ in range(session.world_size)]
         dist.all_gather_object(gathered, results)
