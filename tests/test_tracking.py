@@ -1,0 +1,49 @@
+"""MLflow tracking: names, the guarded client, and an unreachable server."""
+
+import math
+import warnings
+
+import pytest
+
+from semiseg.tracking import Tracker, loggable_metrics, mlflow_ui_command
+
+
+def test_loggable_metrics_keep_known_finite_numbers():
+    result = {"val/dice": 0.5, "train/loss": 1.0, "epoch": 3, "diverged": 0.0, "time_this_iter_s": 2.0,
+              "val/hd95": math.nan, "config": {"a": 1}, "trial_id": "x", "val/flag": True}
+    assert loggable_metrics(result) == {"val/dice": 0.5, "train/loss": 1.0, "epoch": 3.0, "diverged": 0.0}
+
+
+def test_ui_command_binds_loopback():
+    assert "--host 127.0.0.1" in mlflow_ui_command("sqlite:////tmp/x.db")
+    assert mlflow_ui_command("http://127.0.0.1:5000") == "open http://127.0.0.1:5000"
+
+
+def test_sqlite_store_round_trip(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", artifact_root=tmp_path / "artifacts")
+    experiment = tracker.experiment_id("study")
+    assert tracker.experiment_id("study") == experiment
+    run = tracker.start_run(experiment, "trial", {"semiseg.trial_id": "abc"})
+    tracker.log_params(run, {f"p.{i}": i for i in range(150)})
+    tracker.log_metrics(run, {"val/dice": 0.25}, step=2)
+    tracker.log_json(run, {"a": 1}, "config.json")
+    assert tracker.find_run(experiment, {"semiseg.trial_id": "abc"}) == run
+    assert tracker.find_run(experiment, {"semiseg.trial_id": "other"}) is None
+    data = tracker.client.get_run(run).data
+    assert len(data.params) == 150 and data.metrics["val/dice"] == 0.25
+    assert [a.path for a in tracker.client.list_artifacts(run)] == ["config.json"]
+    assert (tmp_path / "artifacts" / "study").is_dir(), "artifacts go under the runs folder, not the cwd"
+
+
+def test_unreachable_server_warns_once_and_disables(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = Tracker("http://127.0.0.1:9")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tracker.experiment_id("study") is None
+        assert tracker.start_run("1", "x", {}) is None
+        tracker.log_metrics("r", {"val/dice": 1.0}, step=1)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "127.0.0.1:9" in messages[0] and "Ray's storage" in messages[0]
+    assert tracker.enabled is False
