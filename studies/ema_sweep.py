@@ -11,13 +11,12 @@ labelled cases with the same two seeds, and reports both.
 
 from semiseg.tune import Study, run_study
 from semiseg.tune.presets import SMOKE
-from semiseg.tune.space import method_space
 
 STUDY = Study(
     name="ema_sweep",
     description="Mean Teacher: sensitivity of Dice to the teacher's EMA decay",
     base={"method.name": "mean_teacher", "train.max_epochs": 30},
-    search_space=method_space("mean_teacher", ["ema_decay"]),
+    methods={"mean_teacher": ["ema_decay"]},
     baselines=({"method.name": "supervised"},),
     final_seeds=2,
     num_samples=10,

@@ -287,7 +287,8 @@ def test_listed_file_that_is_not_nifti(msd: Path) -> None:
     _edit_json(msd, test=["./imagesTs/brain_900.mha"])
     with pytest.raises(DatasetError) as err:
         read_dataset(msd)
-    assert f"{msd / 'imagesTs' / 'brain_900.mha'}: image listed in dataset.json test[0] is not a NIfTI" in _messages(err)
+    path = msd / "imagesTs" / "brain_900.mha"
+    assert f"{path}: image listed in dataset.json test[0] is not a NIfTI" in _messages(err)
 
 
 def test_empty_training_list(msd: Path) -> None:

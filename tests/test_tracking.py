@@ -47,3 +47,24 @@ def test_unreachable_server_warns_once_and_disables(monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "127.0.0.1:9" in messages[0] and "Ray's storage" in messages[0]
     assert tracker.enabled is False
+
+
+def test_metric_names_of_groups_are_accepted_by_mlflow(tmp_path):
+    from semiseg.tracking import metric_name
+
+    name = metric_name("final/mean_teacher [data.num_labelled=4, method.pretrain_epochs=5]/dice_mean")
+    assert name == "final/mean_teacher/data.num_labelled:4/method.pretrain_epochs:5/dice_mean"
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", artifact_root=tmp_path)
+    run = tracker.start_run(tracker.experiment_id("s"), "r", {})
+    tracker.log_metrics(run, {name: 0.5}, step=0)
+    assert tracker.client.get_run(run).data.metrics[name] == 0.5
+
+
+def test_a_rejected_request_warns_but_keeps_tracking(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", artifact_root=tmp_path)
+    run = tracker.start_run(tracker.experiment_id("s"), "r", {})
+    with pytest.warns(RuntimeWarning, match="rejected"):
+        tracker.log_metrics(run, {"bad [name]": 1.0}, step=0)
+    assert tracker.enabled
+    tracker.log_metrics(run, {"val/dice": 0.5}, step=1)
+    assert tracker.client.get_run(run).data.metrics["val/dice"] == 0.5

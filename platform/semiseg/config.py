@@ -31,7 +31,11 @@ class DataConfig:
     ``dataset`` is ``"phantom"`` (a generated dataset written in the nnU-Net raw layout
     under ``phantom_root``) or the path of a folder in that layout. ``patch_size``
     (``"64x64x32"``) trains 3D models on random patches and validates whole cases with
-    sliding-window inference; empty trains on whole volumes.
+    sliding-window inference; empty trains on whole volumes. Preprocessing (canonical
+    orientation, ``target_spacing`` like ``"1x1x3"`` or empty to keep each case's own,
+    ``normalisation`` ``zscore``/``zscore_nonzero``/``ct`` with ``ct_window`` ``"lo,hi"``,
+    ``crop_to_body``, interpolation ``image_order`` 1 or 3) runs once per dataset and
+    settings into a Parquet cache under ``prepared_cache`` (default: the cache folder).
     """
 
     dataset: str = "phantom"
@@ -46,6 +50,13 @@ class DataConfig:
     split_seed: int = 0
     dims: int = 2
     patch_size: str = ""
+    extra_unlabelled: str = ""
+    target_spacing: str = ""
+    normalisation: str = "zscore"
+    ct_window: str = "-1000,1000"
+    crop_to_body: bool = False
+    image_order: int = 1
+    prepared_cache: str = ""
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 import warnings
@@ -102,6 +103,10 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any tracking failure must not stop the study
+            if _is_rejected_request(error):
+                warnings.warn(f"MLflow at {self.tracking_uri} rejected a request to {action} ({error})",
+                              RuntimeWarning, stacklevel=2)
+                return None
             self.enabled = False
             warnings.warn(f"MLflow at {self.tracking_uri} failed while trying to {action} ({error}); "
                           "tracking is off for the rest of this study, results stay in Ray's storage",
@@ -177,6 +182,20 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED, FAILED or KILLED."""
         self._guard("end a run", lambda: self.client.set_terminated(run_id, status=status))
+
+
+def _is_rejected_request(error: Exception) -> bool:
+    """A request the store understood and refused (bad name or value): the store itself works."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code in {"INVALID_PARAMETER_VALUE",
+                                                                       "RESOURCE_ALREADY_EXISTS"}
+
+
+def metric_name(text: str) -> str:
+    """``text`` with the characters MLflow refuses in metric names replaced by ``_``."""
+    readable = text.replace(" [", "/").replace("]", "").replace(", ", "/").replace("=", ":")
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", readable)
 
 
 def flatten_for_params(config: Mapping[str, Any]) -> dict[str, Any]:

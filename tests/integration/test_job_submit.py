@@ -301,7 +301,7 @@ def test_a_submitted_study_imports_the_uploaded_code_and_logs_to_mlflow(token_cl
     submitted = token_cluster.cli(
         ["job", "submit", "--address", token_cluster.address, "--submission-id", submission_id, "--no-wait",
          "--working-dir", ".", "--runtime-env-json", json.dumps(documented_runtime_env()),
-         "--", "python", PROBE_SCRIPT, "&&", *study], cwd=workdir)
+         "--", "sh", "-c", f"python {PROBE_SCRIPT} && {shlex.join(study)}"], cwd=workdir)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
 
     status, deadline = "PENDING", time.monotonic() + JOB_TIMEOUT_S
@@ -330,13 +330,17 @@ def test_a_submitted_study_imports_the_uploaded_code_and_logs_to_mlflow(token_cl
         assert not imported.is_relative_to(REPO)
     assert report["uploaded_decoys"] == [], "run outputs and local environments must not be uploaded"
 
+    assert (outputs / "mlflow.db").is_file(), f"the job logged nothing to {tracking_uri}:\n{logs.stdout[-6000:]}"
+    results = outputs / "runs" / "ema_sweep" / "results.json"
+    assert results.is_file(), f"the job wrote no {results}:\n{logs.stdout[-6000:]}"
+    trials = json.loads(results.read_text())["trials"]
     client, parents, children = study_runs(tracking_uri, "ema_sweep")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 3, "2 searched trials and 1 baseline"
+    assert len(children) == len(trials) >= 3, "one child run per trial: searched ones and the baseline at least"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {"mean_teacher", "supervised"} <= {c.data.tags["semiseg.method"] for c in children}
     for child in children:
         history = client.get_metric_history(child.info.run_id, "val/dice")
         steps = [m.step for m in history]
         assert steps and steps == sorted(set(steps)) and steps[0] == 1, steps
         assert all(0.0 <= m.value <= 1.0 for m in history)
-    assert (outputs / "runs" / "ema_sweep" / "results.json").is_file()

@@ -24,7 +24,10 @@ mtime) also gives a new key. Moving a dataset keeps the key when mtimes are kept
 **Atomicity.** A build writes into a hidden ``.tmp-*`` folder next to the
 cache, writes ``manifest.json`` last, and renames the folder into place; on any
 error the temporary folder is removed. Builders of the same key take turns
-through a lock file, so concurrent trials build once and the others reuse it.
+through a lock file (``.{folder}.lock``, left in place), so concurrent trials
+build once and the others reuse it. Only a build killed outright (SIGKILL,
+power loss) can leave a ``.tmp-*`` folder; it is never taken for a cache and
+can be deleted.
 """
 
 from __future__ import annotations
@@ -309,7 +312,7 @@ def _write_cache(
     try:
         for done, case in enumerate(layout.training, start=1):
             processed = _preprocess(case, layout, settings, problems)
-            if processed is not None and not problems:
+            if processed is not None:
                 if writer is None:
                     shard = f"shards/part-{len(entries) // max(1, cases_per_shard):05d}.parquet"
                     writer = _open_shard(folder / shard)
@@ -345,8 +348,10 @@ def _write_cache(
 def _preprocess(
     case: CaseFiles, layout: DatasetLayout, settings: PreprocessSettings, problems: list[tuple[str, str]]
 ) -> PreprocessedCase | None:
+    """Load (checking) and preprocess a case; once a problem is known, only check the rest."""
     try:
-        return preprocess_case(load_case(case, layout.class_ids, check_constant=True), settings)
+        loaded = load_case(case, layout.class_ids, check_constant=True)
+        return None if problems else preprocess_case(loaded, settings)
     except DatasetError as error:
         problems.extend(error.problems)
     except ValueError as error:
@@ -521,6 +526,8 @@ class CachedDataset:
         The row groups of the selected cases, in the order of ``case_ids``, are
         dealt round-robin to the ranks, so ranks read disjoint rows whose union
         is every selected row, and no rank reads another rank's row groups.
+        Rank sizes differ by at most one row group (``rows_per_group`` rows at
+        build time); a rank beyond the number of row groups gets none.
 
         Args:
             case_ids: The cases; all when None.

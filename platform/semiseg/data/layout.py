@@ -234,7 +234,9 @@ def read_dataset(
     folder = Path(extra_unlabelled)
     extra, _ = _scan_images(folder, layout.file_ending, layout.num_channels, problems, required=True)
     if folder.is_dir() and not extra and not problems:
-        problems.append((str(folder), f"no unlabelled images found (expected files like CASE_0000{layout.file_ending})"))
+        problems.append(
+            (str(folder), f"no unlabelled images found (expected files like CASE_0000{layout.file_ending})")
+        )
     cases = tuple(CaseFiles(cid, paths, None) for cid, paths in extra.items())
     return with_extra_unlabelled(layout, cases, problems)
 

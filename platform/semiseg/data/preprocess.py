@@ -68,7 +68,8 @@ class PreprocessSettings:
         if self.target_spacing is not None:
             spacing = tuple(float(s) for s in self.target_spacing)
             if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-                raise ValueError(f"target_spacing must be 3 positive numbers (X, Y, Z in mm), got {self.target_spacing}")
+                raise ValueError("target_spacing must be 3 positive numbers (X, Y, Z in mm), "
+                                 f"got {self.target_spacing}")
             object.__setattr__(self, "target_spacing", spacing)
         window = tuple(float(v) for v in self.ct_window)
         if len(window) != 2 or not window[0] < window[1]:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from semiseg.config import DataConfig, parse_shape, parse_spacing
 from semiseg.data.errors import DatasetError
-from semiseg.data.layout import DatasetLayout, read_layout
+from semiseg.data.cache import CacheInfo, build_cache, stderr_progress
+from semiseg.data.layout import DatasetLayout, read_dataset
+from semiseg.data.preprocess import PreprocessSettings
 from semiseg.data.phantom import generate_phantom
 
 PHANTOM = "phantom"
@@ -35,10 +37,12 @@ def resolve_dataset(data: DataConfig) -> DatasetLayout:
     the same one, so no dataset has to be shipped with a job.
 
     Raises:
-        DatasetError: the folder is missing or not a dataset in the nnU-Net raw layout.
+        DatasetError: the folder is missing or not a dataset in the nnU-Net v2 raw layout or
+            the Medical Segmentation Decathlon layout.
     """
     if data.dataset != PHANTOM:
-        return read_layout(Path(data.dataset).expanduser().resolve())
+        extra = Path(data.extra_unlabelled).expanduser().resolve() if data.extra_unlabelled else None
+        return read_dataset(Path(data.dataset).expanduser().resolve(), extra)
     root = Path(data.phantom_root) if data.phantom_root else default_cache_dir() / f"phantom-{phantom_key(data)}"
     shape = parse_shape(data.phantom_shape, "data.phantom_shape")
     spacing = parse_spacing(data.phantom_spacing, "data.phantom_spacing")
@@ -46,3 +50,33 @@ def resolve_dataset(data: DataConfig) -> DatasetLayout:
         raise DatasetError.single("data.phantom_shape", "phantom shape and spacing need three axes (X, Y, Z)")
     return generate_phantom(root, num_training=data.phantom_cases, shape=shape, spacing=spacing,
                             seed=data.phantom_seed)
+
+
+def preprocess_settings(data: DataConfig) -> PreprocessSettings:
+    """The preprocessing settings of ``data`` (``data.target_spacing`` and the like).
+
+    Raises:
+        ConfigError: a malformed spacing or CT window.
+    """
+    from semiseg.config import ConfigError
+
+    spacing = parse_spacing(data.target_spacing, "data.target_spacing") if data.target_spacing else None
+    try:
+        window = tuple(float(v) for v in data.ct_window.split(","))
+    except ValueError:
+        raise ConfigError(f"data.ct_window: {data.ct_window!r} is not 'lo,hi'") from None
+    try:
+        return PreprocessSettings(target_spacing=spacing, normalisation=data.normalisation, ct_window=window,
+                                  crop_to_body=data.crop_to_body, dims=data.dims, image_order=data.image_order)
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from None
+
+
+def prepared_cache_root(data: DataConfig) -> Path:
+    """Where preprocessed Parquet caches live (``data.prepared_cache`` or the cache folder)."""
+    return Path(data.prepared_cache).expanduser() if data.prepared_cache else default_cache_dir() / "prepared"
+
+
+def prepare_cache(data: DataConfig, layout: DatasetLayout) -> CacheInfo:
+    """Build (or reuse) the preprocessed cache of ``layout``, showing progress on stderr."""
+    return build_cache(layout, preprocess_settings(data), prepared_cache_root(data), progress=stderr_progress())

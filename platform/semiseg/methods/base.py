@@ -52,7 +52,7 @@ class HParam:
 
 
 COMMON_HPARAMS: dict[str, HParam] = {
-    "pretrain_epochs": HParam(0, low=0, high=30,
+    "pretrain_epochs": HParam(0, low=0, high=20,
                               help="epochs of supervised (or the method's own pretext) pretraining before the "
                                    "semi-supervised stage, inside the same trial (Bortsova reproduction: 0, 25, 120)"),
 }

@@ -25,7 +25,7 @@ from semiseg.augment import AugmentSettings
 from semiseg.config import ConfigError, ExperimentConfig, parse_shape
 from semiseg.data.batches import MixedBatchSampler
 from semiseg.data.prepared import PreparedData, prepare_split
-from semiseg.data.source import resolve_dataset
+from semiseg.data.source import prepared_cache_root, preprocess_settings, resolve_dataset
 from semiseg.methods import BuildContext, Method, Progress, build_method
 from semiseg.schedules import lr_factor
 from semiseg.train.evaluate import evaluate_cases, summarise_cases
@@ -95,7 +95,8 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
     _seed_everything(cfg.train.seed, session.rank)
     data = prepare_split(resolve_dataset(cfg.data), num_labelled=cfg.data.num_labelled,
                          num_validation=cfg.data.num_validation, num_test=cfg.data.num_test,
-                         split_seed=cfg.data.split_seed, dims=cfg.data.dims)
+                         split_seed=cfg.data.split_seed, dims=cfg.data.dims,
+                         settings=preprocess_settings(cfg.data), cache_root=prepared_cache_root(cfg.data))
     method = build_method(cfg.method["name"], _build_context(cfg, data, device), cfg.method)
     manual_sync: list[torch.nn.Parameter] = []
     if session.world_size > 1:

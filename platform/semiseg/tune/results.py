@@ -104,20 +104,34 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 FINAL_METRICS = ("dice", "jaccard", "hd95", "asd", "precision", "recall")
 
 
-def final_table(rows: Sequence[TrialRow], metrics: Sequence[str] = FINAL_METRICS,
-                prefix: str = "test") -> dict[str, dict[str, tuple[float, float, int]]]:
+def group_label(row: TrialRow, group_by: Sequence[str]) -> str:
+    """``method`` or ``method [key=value, ...]`` for the final table."""
+    if not group_by:
+        return row.method
+    return f"{row.method} [" + ", ".join(f"{k}={row.config.get(k)}" for k in group_by) + "]"
+
+
+def final_table(rows: Sequence[TrialRow], metrics: Sequence[str] = FINAL_METRICS, prefix: str = "test",
+                group_by: Sequence[str] = ()) -> dict[str, dict[str, tuple[float, float, int]]]:
     """Mean, std and count over seeds of each ``{prefix}/{metric}``, per method (Table 1 of Perone).
+
+    Args:
+        rows: final-phase rows.
+        metrics: metric names without prefix.
+        prefix: ``test`` or ``val``.
+        group_by: config keys that split a method's rows into groups (e.g. labelled cases).
 
     Rows that diverged or failed count as missing values, not as zeros.
     """
     table: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for method in sorted({r.method for r in rows}):
-        runs = [r for r in rows if r.method == method]
-        table[method] = {}
+    labels = sorted({group_label(r, group_by) for r in rows})
+    for label in labels:
+        runs = [r for r in rows if group_label(r, group_by) == label]
+        table[label] = {}
         for metric in metrics:
             values = [r.metrics.get(f"{prefix}/{metric}", float("nan")) for r in runs]
             mean, std = mean_std(values)
-            table[method][metric] = (mean, std, sum(1 for v in values if not math.isnan(v)))
+            table[label][metric] = (mean, std, sum(1 for v in values if not math.isnan(v)))
     return table
 
 

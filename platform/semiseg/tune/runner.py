@@ -27,9 +27,9 @@ from typing import Any, Sequence
 from semiseg.config import ConfigError, ExperimentConfig
 from semiseg.data.errors import DatasetError
 from semiseg.data.layout import validate_layout
-from semiseg.data.source import PHANTOM, resolve_dataset
+from semiseg.data.source import PHANTOM, prepare_cache, resolve_dataset
 from semiseg.data.splits import make_split
-from semiseg.tracking import (Tracker, default_tracking_uri, mlflow_ui_command, study_tags)
+from semiseg.tracking import Tracker, default_tracking_uri, metric_name, mlflow_ui_command, study_tags
 from semiseg.tune.cli import StudyArgs, parse_args
 from semiseg.tune.results import (TrialRow, best_row, final_table, format_final_table, format_table,
                                   rows_from_results)
@@ -74,7 +74,7 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         base = resolve_base_config(study, args)
-        layout_name = check_dataset(base)
+        layout_name = check_dataset(base, _baselines(study, args))
     except (DatasetError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT_ERROR) from None
@@ -101,8 +101,14 @@ def resolve_base_config(study: Study, args: StudyArgs) -> dict[str, Any]:
     return ExperimentConfig.from_flat(flat).to_flat()
 
 
-def check_dataset(base: dict[str, Any]) -> str:
-    """Read and validate the dataset once on the driver, and check the split budget.
+def _baselines(study: Study, args: StudyArgs) -> tuple[dict[str, Any], ...]:
+    if args.smoke and study.smoke_baselines is not None:
+        return tuple(dict(b) for b in study.smoke_baselines)
+    return tuple(dict(b) for b in study.baselines)
+
+
+def check_dataset(base: dict[str, Any], baselines: Sequence[dict[str, Any]] = ()) -> str:
+    """Read and validate the dataset once on the driver, and check every split budget.
 
     Returns:
         The dataset's name (for tags).
@@ -115,8 +121,12 @@ def check_dataset(base: dict[str, Any]) -> str:
     if cfg.data.dataset != PHANTOM:
         log.info("validating %d training cases of %s ...", len(layout.training), layout.root)
         validate_layout(layout)
-    make_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=cfg.data.num_labelled,
-               num_validation=cfg.data.num_validation, num_test=cfg.data.num_test, seed=cfg.data.split_seed)
+    info = prepare_cache(cfg.data, layout)
+    log.info("preprocessed cache %s (%s)", info.path, "reused" if info.reused else "built")
+    for budget in sorted({cfg.data.num_labelled} | {int(b["data.num_labelled"]) for b in baselines
+                                                      if "data.num_labelled" in b}):
+        make_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=budget,
+                   num_validation=cfg.data.num_validation, num_test=cfg.data.num_test, seed=cfg.data.split_seed)
     return layout.name
 
 
@@ -159,7 +169,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
         rows += _run_search(context, phase, space, phase_base, num_samples, state)
     variants = _final_variants(study, base, rows, final_seeds, args)
     if variants:
-        shown = sorted({f"method.{k}" for _, space, _ in searches for k in getattr(space, "keys", [])})
+        shown = sorted({k for _, space, _ in searches for k in getattr(space, "keys", [])} | set(study.group_by))
         rows += _run_fixed(context, "final", variants, shown + ["train.seed"])
 
     outcome = _summarise(study, tracking_uri, parent_run_id, rows)
@@ -182,7 +192,10 @@ def _searches(study: Study, base: dict[str, Any]) -> list[tuple[str, Any, dict[s
     """(phase name, search space, base config) of each search of the study."""
     searches = []
     if study.search_space is not None:
-        searches.append(("search", study.search_space, base))
+        space_base = base
+        if getattr(study.search_space, "chooses_method", False):
+            space_base = {k: v for k, v in base.items() if not k.startswith("method.")}
+        searches.append(("search", study.search_space, space_base))
     for method, keys in study.methods.items():
         if keys:
             searches.append((f"search-{method}", method_space(method, keys), _config_for_method(base, method)))
@@ -207,7 +220,7 @@ def _final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], fi
             configs += [r.config for r in ranked[:study.final_top_k]]
         configs += [_public(_config_for_method(base, m)) for m, keys in study.methods.items() if not keys]
     if not args.skip_baselines:
-        for baseline in study.baselines:
+        for baseline in _baselines(study, args):
             method = str(baseline.get("method.name", base["method.name"]))
             configs.append({**_public(_config_for_method(base, method)), **baseline})
     seeds = range(max(1, final_seeds))
@@ -284,8 +297,10 @@ def _run_search(context: _PhaseContext, phase: str, space: Any, phase_base: dict
                                        f"{study.name}-{phase}-{context.parent_run_id or 'local'}")
         sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=min(study.startup_trials, num_samples),
                                              multivariate=True, constant_liar=True)
+        seed_point = space.default_point() if study.seed_with_defaults and hasattr(space, "default_point") else {}
         searcher = EpochAwareOptunaSearch(space=space, metric=study.metric, mode=study.mode, sampler=sampler,
-                                          storage=storage, study_name=optuna_name, max_epochs=context.max_epochs)
+                                          storage=storage, study_name=optuna_name, max_epochs=context.max_epochs,
+                                          points_to_evaluate=[seed_point] if seed_point else None)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=context.max_epochs,
                                   grace_period=min(study.grace_period, context.max_epochs),
                                   reduction_factor=study.reduction_factor)
@@ -297,7 +312,7 @@ def _run_search(context: _PhaseContext, phase: str, space: Any, phase_base: dict
                            run_config=context.run_config(phase, space))
         _save_state(context.study_dir, state)
     results = tuner.fit()
-    keys = [f"method.{k}" for k in getattr(space, "keys", [])] or _searched_keys(results)
+    keys = list(getattr(space, "keys", [])) or _searched_keys(results)
     return rows_from_results(results, phase, keys, context.max_epochs)
 
 
@@ -346,8 +361,8 @@ def _summarise(study: Study, tracking_uri: str, parent_run_id: str | None, rows:
     searched = [r for r in rows if r.phase.startswith("search")]
     final = [r for r in rows if r.phase == "final" and r.status == "completed"]
     return StudyOutcome(study=study.name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, rows=rows,
-                        best=best_row(searched), final=final_table(final),
-                        final_val=final_table(final, ("dice",), prefix="val"))
+                        best=best_row(searched), final=final_table(final, group_by=study.group_by),
+                        final_val=final_table(final, ("dice",), prefix="val", group_by=study.group_by))
 
 
 def _report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, study_dir: Path) -> None:
@@ -364,12 +379,12 @@ def _report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, 
     if outcome.final:
         print("\n== final phase: mean (std) over seeds of the test metrics (whole cases; HD95/ASD in mm)\n"
               + format_final_table(outcome.final))
-        for method, metrics in outcome.final.items():
+        for group, metrics in outcome.final.items():
+            name = metric_name(group)
             for metric, (mean, std, count) in metrics.items():
-                summary[f"final/{method}/{metric}_mean"] = mean
-                summary[f"final/{method}/{metric}_std"] = std
-            val_mean = outcome.final_val.get(method, {}).get("dice", (float("nan"),))[0]
-            summary[f"final/{method}/val_dice_mean"] = val_mean
+                summary[f"final/{name}/{metric}_mean"] = mean
+                summary[f"final/{name}/{metric}_std"] = std
+            summary[f"final/{name}/val_dice_mean"] = outcome.final_val.get(group, {}).get("dice", (float("nan"),))[0]
         _print_against_supervised(outcome)
     payload = {"study": outcome.study, "tracking_uri": outcome.tracking_uri, "parent_run_id": parent_run_id,
                "summary": summary, "final": outcome.final, "trials": [asdict(r) for r in outcome.rows]}
@@ -382,17 +397,21 @@ def _report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, 
 
 
 def _print_against_supervised(outcome: StudyOutcome) -> None:
-    reference = outcome.final.get("supervised")
-    if reference is None:
-        return
-    ref_test = reference["dice"][0]
-    ref_val = outcome.final_val.get("supervised", {}).get("dice", (float("nan"),))[0]
-    for method, metrics in sorted(outcome.final.items()):
+    """One line per group: does it beat the supervised model of the same group (or the only one)?"""
+    supervised = [label for label in outcome.final if label.split(" ", 1)[0] == "supervised"]
+    for label, metrics in sorted(outcome.final.items()):
+        method, _, group = label.partition(" ")
         if method == "supervised":
             continue
-        val = outcome.final_val.get(method, {}).get("dice", (float("nan"),))[0]
+        same_group = f"supervised {group}".strip()
+        reference = same_group if same_group in outcome.final else (supervised[0] if len(supervised) == 1 else None)
+        if reference is None:
+            continue
+        ref_test = outcome.final[reference]["dice"][0]
+        ref_val = outcome.final_val.get(reference, {}).get("dice", (float("nan"),))[0]
+        val = outcome.final_val.get(label, {}).get("dice", (float("nan"),))[0]
         verdict = "beats" if metrics["dice"][0] > ref_test else "does not beat"
-        print(f"== {method} {verdict} supervised on the same labelled cases: test/dice "
+        print(f"== {label} {verdict} {reference} on the same labelled cases: test/dice "
               f"{metrics['dice'][0]:.4f} vs {ref_test:.4f} ({metrics['dice'][0] - ref_test:+.4f}), "
               f"val/dice {val:.4f} vs {ref_val:.4f}")
 
@@ -406,7 +425,7 @@ def _progress_reporter(metric: str, space: Any):
     """Concise progress: epoch, the metric and the loss, plus the searched keys of a search phase."""
     from ray.tune import CLIReporter
 
-    keys = [f"method.{k}" for k in getattr(space, "keys", [])]
+    keys = list(getattr(space, "keys", []))
     return CLIReporter(metric_columns={"epoch": "epoch", metric: metric, "train/loss": "train/loss"},
                        parameter_columns=keys, max_report_frequency=30, sort_by_metric=True)
 

@@ -1,13 +1,26 @@
-"""Optuna search spaces built from the hyperparameters that methods declare."""
+"""Optuna search spaces built from declared hyperparameters.
+
+A space searches dotted config keys. Method hyperparameters take their ranges from the
+method's declaration (its paper's defaults and ranges); the shared training keys that
+studies search (learning rate, ramp-up length, weight decay) take theirs from
+:data:`CONFIG_RANGES`. Spaces are classes, not closures, so that Tune can pickle the
+searcher's state into its experiment checkpoint (``--resume``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 from semiseg.methods.base import HParam
 from semiseg.methods.registry import method_hparams
 
 SEARCH_PREFIX = "search"
+CONFIG_RANGES: dict[str, HParam] = {
+    "optim.lr": HParam(2e-3, low=1e-4, high=1e-2, log=True, help="learning rate (Perone: 6e-4)"),
+    "optim.weight_decay": HParam(1e-4, low=1e-6, high=1e-2, log=True, help="L2 / decoupled weight decay"),
+    "schedule.rampup_epochs": HParam(10.0, low=0.0, high=30.0,
+                                     help="epochs of the sigmoid ramp-up of the unsupervised weight"),
+}
 
 
 def complement_name(key: str) -> str:
@@ -45,37 +58,96 @@ def suggest(trial: Any, key: str, hparam: HParam) -> dict[str, Any]:
     return {}
 
 
-class MethodSpace:
-    """A define-by-run space over some of a method's declared hyperparameters.
+def optuna_params(key: str, hparam: HParam, value: Any) -> dict[str, Any]:
+    """The Optuna parameters that make a trial suggest ``value`` for ``key`` (for seed points)."""
+    if hparam.complement:
+        return {complement_name(key): 1.0 - float(value)}
+    return {key: value}
 
-    A class rather than a closure, so that Tune can pickle the searcher's state into its
-    experiment checkpoint (``--resume``).
+
+def resolve(method: str, names: Iterable[str]) -> dict[str, HParam]:
+    """Dotted keys and declarations of ``names`` for ``method``.
+
+    A name without a dot is one of the method's hyperparameters (``ema_decay``); a dotted
+    name is a config key with a range in :data:`CONFIG_RANGES` (``optim.lr``).
+
+    Raises:
+        KeyError: a name the method does not declare, or a config key without a range.
+    """
+    declared = method_hparams(method)
+    resolved: dict[str, HParam] = {}
+    for name in names:
+        if "." in name:
+            if name not in CONFIG_RANGES:
+                raise KeyError(f"no default range for {name!r}; searchable config keys: {sorted(CONFIG_RANGES)}")
+            resolved[name] = CONFIG_RANGES[name]
+        elif name in declared:
+            resolved[f"method.{name}"] = declared[name]
+        else:
+            raise KeyError(f"method {method!r} declares no {name!r}; it has {sorted(declared)}")
+    return resolved
+
+
+class MethodSpace:
+    """A define-by-run space over some hyperparameters of one method.
 
     Args:
         method: registered method name.
-        keys: hyperparameter names (without ``method.``).
+        names: method hyperparameter names (``ema_decay``) or dotted config keys (``optim.lr``).
 
     Raises:
-        KeyError: a key the method does not declare.
+        KeyError: see :func:`resolve`.
     """
 
-    def __init__(self, method: str, keys: Iterable[str]) -> None:
-        declared = method_hparams(method)
+    chooses_method = False
+
+    def __init__(self, method: str, names: Iterable[str]) -> None:
         self.method = method
-        self.keys = list(keys)
-        missing = [k for k in self.keys if k not in declared]
-        if missing:
-            raise KeyError(f"method {method!r} declares no {missing}; it has {sorted(declared)}")
+        self.names = list(names)
+        self.keys = list(resolve(method, self.names))
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         """Suggest every key; return the derived constants."""
-        declared = method_hparams(self.method)
         constants: dict[str, Any] = {}
-        for key in self.keys:
-            constants.update(suggest(trial, f"method.{key}", declared[key]))
+        for key, hparam in resolve(self.method, self.names).items():
+            constants.update(suggest(trial, key, hparam))
         return constants
 
+    def default_point(self) -> dict[str, Any]:
+        """Optuna parameters of the papers' defaults (a known-good first trial)."""
+        point: dict[str, Any] = {}
+        for key, hparam in resolve(self.method, self.names).items():
+            point.update(optuna_params(key, hparam, hparam.default))
+        return point
 
-def method_space(method: str, keys: Iterable[str]) -> MethodSpace:
-    """A picklable define-by-run space over ``keys`` of ``method`` (see :class:`MethodSpace`)."""
-    return MethodSpace(method, keys)
+
+class MethodChoiceSpace:
+    """A conditional space: the method is searched, and each method's own keys only when chosen.
+
+    Args:
+        methods: method name → names to search when that method is chosen.
+    """
+
+    chooses_method = True
+
+    def __init__(self, methods: Mapping[str, Sequence[str]]) -> None:
+        self.methods = {name: list(names) for name, names in methods.items()}
+        self.keys = ["method.name"] + sorted({key for name, names in self.methods.items()
+                                              for key in resolve(name, names)})
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        """Suggest the method, then its keys."""
+        method = trial.suggest_categorical("method.name", list(self.methods))
+        constants: dict[str, Any] = {}
+        for key, hparam in resolve(method, self.methods[method]).items():
+            constants.update(suggest(trial, key, hparam))
+        return constants
+
+    def default_point(self) -> dict[str, Any]:
+        """No single known-good point across methods."""
+        return {}
+
+
+def method_space(method: str, names: Iterable[str]) -> MethodSpace:
+    """A picklable define-by-run space over ``names`` of ``method`` (see :class:`MethodSpace`)."""
+    return MethodSpace(method, names)

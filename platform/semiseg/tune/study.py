@@ -20,14 +20,19 @@ class Study:
             over ``base``; it suggests dotted keys and may return derived constants (e.g.
             ``method.ema_decay = 1 - complement``). Must be picklable (a class instance or
             a module-level function) so that a study can resume.
-        methods: method name → hyperparameter names to search; one search per method with
-            the same trial budget (a method with no names runs at its defaults only).
+        methods: method name → names to search (method hyperparameters like ``ema_decay``
+            or config keys like ``optim.lr``); one search per method with the same trial
+            budget (a method with no names runs at its defaults only, in the final phase).
         baselines: fixed overrides (e.g. the supervised model on the same labelled cases),
             run in the final phase with the same seeds as the searched winners.
         final_seeds: seeds of the final phase; the top ``final_top_k`` configurations of each
             search are re-run with each seed next to the baselines (0: only the baselines,
             once), so results are reported as mean (std), not as one lucky trial.
         final_top_k: configurations of each search re-run in the final phase.
+        group_by: config keys that, with the method, group the final table (e.g.
+            ``data.num_labelled`` for label-efficiency curves).
+        seed_with_defaults: the first trial of each search runs the papers' defaults
+            (Optuna then models the space around a known-good point).
         metric, mode: what Tune, ASHA and Optuna optimise.
         num_samples: searched trials (per search) by default.
         grace_period: epochs before ASHA may stop a trial.
@@ -36,6 +41,7 @@ class Study:
         smoke: config overrides applied with ``--smoke`` (a minutes-long check of the path).
         smoke_num_samples: searched trials with ``--smoke``.
         smoke_final_seeds: final seeds with ``--smoke``.
+        smoke_baselines: baselines with ``--smoke`` (default: ``baselines``).
     """
 
     name: str
@@ -46,6 +52,8 @@ class Study:
     baselines: tuple[Mapping[str, Any], ...] = ()
     final_seeds: int = 0
     final_top_k: int = 1
+    group_by: tuple[str, ...] = ()
+    seed_with_defaults: bool = True
     metric: str = "val/dice"
     mode: str = "max"
     num_samples: int = 12
@@ -55,3 +63,4 @@ class Study:
     smoke: Mapping[str, Any] = field(default_factory=dict)
     smoke_num_samples: int = 2
     smoke_final_seeds: int = 1
+    smoke_baselines: tuple[Mapping[str, Any], ...] | None = None
