@@ -60,6 +60,7 @@ def test_non_finite_loss_ends_the_trial_as_diverged(tiny_config):
                           "optim.grad_clip": 0.0, "train.max_epochs": 4}, session)
     assert state.diverged
     assert session.reports[-1]["diverged"] == 1.0
+    assert session.reports[-1]["val/dice"] == 0.0, "every report carries the study metric"
     assert len(session.reports) < 4
 
 

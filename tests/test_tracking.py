@@ -35,12 +35,11 @@ def test_sqlite_store_round_trip(tmp_path):
     assert (tmp_path / "artifacts" / "study").is_dir(), "artifacts go under the runs folder, not the cwd"
 
 
-def test_unreachable_server_warns_once_and_disables(monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+def test_unreachable_server_warns_once_and_disables():
     tracker = Tracker("http://127.0.0.1:9")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        assert tracker.reachable(timeout_s=2) is False
         assert tracker.experiment_id("study") is None
         assert tracker.start_run("1", "x", {}) is None
         tracker.log_metrics("r", {"val/dice": 1.0}, step=1)
@@ -68,3 +67,12 @@ def test_a_rejected_request_warns_but_keeps_tracking(tmp_path):
     assert tracker.enabled
     tracker.log_metrics(run, {"val/dice": 0.5}, step=1)
     assert tracker.client.get_run(run).data.metrics["val/dice"] == 0.5
+
+
+def test_tracker_pickles_without_its_client(tmp_path):
+    import pickle
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", artifact_root=tmp_path)
+    tracker.experiment_id("s")
+    copy = pickle.loads(pickle.dumps(tracker))
+    assert copy._client is None and copy.experiment_id("s") == tracker.experiment_id("s")

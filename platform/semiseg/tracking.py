@@ -88,6 +88,35 @@ class Tracker:
         self.enabled = True
         self._client = None
 
+    def __getstate__(self) -> dict:
+        """Pickle without the client (Tune pickles callbacks into its experiment state)."""
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def reachable(self, timeout_s: float = 5.0) -> bool:
+        """For an ``http(s)://`` store, whether its ``/health`` answers within ``timeout_s``.
+
+        A store that does not answer disables tracking with one warning now, instead of
+        every later call waiting through MLflow's retries.
+        """
+        if not self.enabled or not self.tracking_uri.startswith(("http://", "https://")):
+            return self.enabled
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.tracking_uri.rstrip('/')}/health", timeout=timeout_s) as response:
+                ok = response.status == 200
+        except OSError as error:
+            ok, reason = False, error
+        else:
+            reason = "no OK from /health"
+        if not ok:
+            self.enabled = False
+            warnings.warn(f"MLflow at {self.tracking_uri} is unreachable ({reason}); tracking is off for this "
+                          "study, results stay in Ray's storage", RuntimeWarning, stacklevel=2)
+        return ok
+
     @property
     def client(self):
         """The underlying :class:`mlflow.MlflowClient` (created on first use)."""

@@ -117,7 +117,9 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
     while state.epoch < cfg.train.max_epochs and not state.diverged:
         metrics = _train_epoch(cfg, method, optimizers, scaler, sampler, state, device,
                                _GradientSync(manual_sync, session.world_size))
-        if not state.diverged:
+        if state.diverged:
+            metrics["val/dice"] = 0.0
+        else:
             metrics.update(_validate(cfg, method, data, state, session, device))
         state.epoch += 1
         metrics.update({"epoch": state.epoch, "diverged": float(state.diverged),

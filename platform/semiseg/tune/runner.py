@@ -148,6 +148,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     if started_ray:
         _init_ray(args.address)
     tracker = Tracker(tracking_uri, artifact_root=runs_root / "mlartifacts")
+    tracker.reachable()
     experiment_id = tracker.experiment_id(study.name)
     parent_run_id = state.get("parent_run_id")
     if parent_run_id is None and experiment_id is not None:
