@@ -47,11 +47,11 @@ def _worker(rank: int, folder: str, config: dict, names: list[str]) -> None:
     captured = {}
     original = loop._report
 
-    def capture(session, metrics, method, optimizers, scaler, state):
+    def capture(session, metrics, method, *rest):
         captured["method"] = method.state_dict()
         captured["epoch"] = metrics["epoch"]
         captured["val"] = metrics.get("val/dice")
-        original(session, metrics, method, optimizers, scaler, state)
+        original(session, metrics, method, *rest)
 
     loop._report = capture
     results = {}

@@ -88,3 +88,20 @@ def test_patch_size_needs_3d(tiny_config):
 
     with pytest.raises(ConfigError, match="data.dims=3"):
         run_training({**tiny_config, "data.patch_size": "16x16x8"}, LocalSession())
+
+
+def test_checkpoints_carry_the_best_overlay_and_model_spec(tiny_config, tmp_path):
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    session = LocalSession(tmp_path / "ckpt")
+    run_training({**tiny_config, "method.name": "supervised"}, session)
+    folder = session.latest
+    image = np.asarray(Image.open(io.BytesIO((folder / "overlay.png").read_bytes())))
+    assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+    assert image.shape[0] * 3 < image.shape[1] * 1.2, "three panels side by side"
+    payload = torch.load(folder / "state.pt", weights_only=False)
+    assert payload["model_spec"]["num_classes"] == 2 and payload["model_spec"]["in_channels"] == 1

@@ -45,6 +45,8 @@ TAG_TRIAL_ID = "semiseg.trial_id"
 TAG_STATUS = "semiseg.status"
 TAG_DATASET = "semiseg.dataset"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_OPTUNA_STORAGE = "semiseg.optuna_storage"
+TAG_STORAGE_PATH = "semiseg.storage_path"
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
 CONFIG_ARTIFACT = "config.json"
@@ -207,6 +209,10 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path))
 
         self._guard("log an artifact", log)
+
+    def log_file(self, run_id: str, path: Path) -> None:
+        """Store the file ``path`` as an artifact of the run."""
+        self._guard("log an artifact", lambda: self.client.log_artifact(run_id, str(path)))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED, FAILED or KILLED."""

@@ -32,13 +32,21 @@ def test_smoke_ema_sweep_leaves_parent_and_child_runs(ray_local, mlflow_store, t
         assert all(0.0 <= m.value <= 1.0 for m in history)
         assert child.data.params["method.name"] == child.data.tags["semiseg.method"]
         assert child.data.params["train.max_epochs"] == "3"
-        assert "config.json" in [a.path for a in client.list_artifacts(child.info.run_id)]
+        assert {"config.json", "overlay.png"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert child.data.metrics["summary/val_dice_best"] == max(m.value for m in history)
     searched = [c for c in children if c.data.tags["semiseg.phase"].startswith("search")]
     decays = {float(c.data.params["method.ema_decay"]) for c in searched}
     assert len(decays) == 2 and all(0.9 <= d <= 0.9999 for d in decays)
     assert "final/supervised/dice_mean" in parent.data.metrics and "best/val_dice" in parent.data.metrics
 
     assert outcome.best is not None and outcome.best.method == "mean_teacher"
+    assert outcome.registered_models == ["semiseg-ema_sweep-mean_teacher", "semiseg-ema_sweep-supervised"]
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(mlflow_store)
+    model = mlflow.pytorch.load_model("models:/semiseg-ema_sweep-mean_teacher/1")
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
     assert len(outcome.rows) == 4 and all(r.epochs == 3 for r in outcome.rows)
     assert set(outcome.final) == {"mean_teacher", "supervised"}
     final_mt = [r for r in outcome.rows if r.phase == "final" and r.method == "mean_teacher"]

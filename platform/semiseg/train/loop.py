@@ -28,12 +28,14 @@ from semiseg.data.prepared import PreparedData, prepare_split
 from semiseg.data.source import prepared_cache_root, preprocess_settings, resolve_dataset
 from semiseg.methods import BuildContext, Method, Progress, build_method
 from semiseg.schedules import lr_factor
-from semiseg.train.evaluate import evaluate_cases, summarise_cases
+from semiseg.train.evaluate import evaluate_cases, predict_case, summarise_cases
+from semiseg.train.overlay import overlay_png
 from semiseg.tune.space import SEARCH_PREFIX
 from semiseg.train.session import LocalSession, Session, TrainSession, TuneSession, checkpoint_staging
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
+OVERLAY_FILE = "overlay.png"
 TUNE_KEYS_PREFIX = "_"
 VARIANT_KEY = "_variant"
 
@@ -49,6 +51,7 @@ class LoopState:
     best_eval_state: dict | None = None
     diverged: bool = False
     history: list[dict] = field(default_factory=list)
+    best_overlay: bytes | None = None
 
 
 def expand_trial_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,6 +111,8 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
         if folder is not None:
             state = _load_checkpoint(Path(folder), method, optimizers, scaler)
             log.info("resumed from epoch %d", state.epoch)
+    model_spec = {"dims": cfg.data.dims, "in_channels": data.in_channels, "num_classes": data.num_classes,
+                  "model": dict(vars(cfg.model)), "class_ids": list(data.class_ids)}
     sampler = MixedBatchSampler(data.labelled_images, data.labelled_labels, data.unlabelled_images,
                                 labelled_per_batch=cfg.train.labelled_per_batch,
                                 unlabelled_per_batch=(cfg.train.batch_size - cfg.train.labelled_per_batch
@@ -127,7 +132,7 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
         if state.epoch == cfg.train.max_epochs and cfg.train.evaluate_test and not state.diverged:
             metrics.update(_test(cfg, method, data, state, session, device))
         state.history.append(metrics)
-        _report(session, metrics, method, optimizers, scaler, state)
+        _report(session, metrics, method, optimizers, scaler, state, model_spec)
     return state
 
 
@@ -344,8 +349,22 @@ def _validate(cfg: ExperimentConfig, method: Method, data: PreparedData, state: 
         state.best_dice = dice
         state.best_epoch = state.epoch + 1
         state.best_eval_state = copy.deepcopy(_unwrapped(model).state_dict())
+        if session.rank == 0 and data.validation:
+            state.best_overlay = _overlay(model, data.validation[0], cfg, device)
     metrics["time/val_s"] = time.perf_counter() - started
     return metrics
+
+
+def _overlay(model: torch.nn.Module, case, cfg: ExperimentConfig, device: torch.device) -> bytes:
+    """Image | ground truth | prediction of ``case`` by ``model`` (the best epoch's evaluation model)."""
+    was_training = model.training
+    model.eval()
+    try:
+        prediction = predict_case(_unwrapped(model), case.image, cfg.data.dims, cfg.train.val_batch_size, device,
+                                  cfg.train.amp, _patch_size(cfg), cfg.train.val_overlap)
+    finally:
+        model.train(was_training)
+    return overlay_png(case.image, case.label, prediction)
 
 
 def _test(cfg: ExperimentConfig, method: Method, data: PreparedData, state: LoopState, session: Session,
@@ -376,7 +395,7 @@ def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _report(session: Session, metrics: dict, method: Method, optimizers: dict[str, torch.optim.Optimizer],
-            scaler: torch.amp.GradScaler, state: LoopState) -> None:
+            scaler: torch.amp.GradScaler, state: LoopState, model_spec: dict | None = None) -> None:
     clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
     if session.rank != 0:
         session.report(clean, None)
@@ -389,10 +408,13 @@ def _report(session: Session, metrics: dict, method: Method, optimizers: dict[st
                    "loop": {"epoch": state.epoch, "step": state.step, "best_dice": state.best_dice,
                             "best_epoch": state.best_epoch, "diverged": state.diverged,
                             "history": state.history},
-                   "best_eval_state": state.best_eval_state}
+                   "best_eval_state": state.best_eval_state,
+                   "model_spec": model_spec}
         tmp = folder / (CHECKPOINT_FILE + ".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, folder / CHECKPOINT_FILE)
+        if state.best_overlay is not None:
+            (folder / OVERLAY_FILE).write_bytes(state.best_overlay)
         session.report(clean, str(folder))
 
 
@@ -407,6 +429,8 @@ def _load_checkpoint(folder: Path, method: Method, optimizers: dict[str, torch.o
     scaler.load_state_dict(payload["scaler"])
     torch.set_rng_state(payload["torch_rng"])
     loop = payload["loop"]
+    overlay = folder / OVERLAY_FILE
     return LoopState(epoch=loop["epoch"], step=loop["step"], best_dice=loop["best_dice"],
                      best_epoch=loop["best_epoch"], best_eval_state=payload["best_eval_state"],
-                     diverged=loop["diverged"], history=list(loop["history"]))
+                     diverged=loop["diverged"], history=list(loop["history"]),
+                     best_overlay=overlay.read_bytes() if overlay.exists() else None)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from semiseg.train.loop import expand_trial_config
+from semiseg.train.loop import OVERLAY_FILE, expand_trial_config
 from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, TAG_STATUS, TAG_TRIAL_ID,
                               Tracker, flatten_for_params, loggable_metrics, trial_tags)
 
+log = logging.getLogger(__name__)
+SUMMARY_KEYS = ("val/dice_best", "best_epoch", "epoch", "test/dice", "test/hd95", "test/asd")
 STATUS_COMPLETED = "completed"
 STATUS_STOPPED = "stopped_early"
 STATUS_DIVERGED = "diverged"
@@ -82,11 +86,29 @@ class MlflowTrialCallback(Callback):
         return STATUS_COMPLETED if self.last_epoch.get(trial_id, 0) >= self.max_epochs else STATUS_STOPPED
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        """Close the run: FINISHED, with a status tag saying how the trial ended."""
+        """Close the run: summary metrics, the best epoch's overlay, a status tag, FINISHED."""
         run_id = self._run_for(trial)
-        if run_id is not None:
-            self.tracker.set_tags(run_id, {TAG_STATUS: self.trial_status(trial.trial_id)})
-            self.tracker.end_run(run_id, "FINISHED")
+        if run_id is None:
+            return
+        last = trial.last_result or {}
+        summary = {f"summary/{key.replace('/', '_')}": value
+                   for key, value in loggable_metrics(last).items() if key in SUMMARY_KEYS}
+        self.tracker.log_metrics(run_id, summary, step=int(last.get(METRIC_EPOCH, 0)))
+        self._log_overlay(run_id, trial)
+        self.tracker.set_tags(run_id, {TAG_STATUS: self.trial_status(trial.trial_id)})
+        self.tracker.end_run(run_id, "FINISHED")
+
+    def _log_overlay(self, run_id: str, trial: Any) -> None:
+        checkpoint = getattr(trial, "checkpoint", None)
+        if checkpoint is None:
+            return
+        try:
+            with checkpoint.as_directory() as folder:
+                overlay = Path(folder) / OVERLAY_FILE
+                if overlay.exists():
+                    self.tracker.log_file(run_id, overlay)
+        except (OSError, RuntimeError) as error:
+            log.warning("no overlay for trial %s: %s", trial.trial_id, error)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
         """Close the run as FAILED."""

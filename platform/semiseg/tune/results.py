@@ -25,6 +25,7 @@ class TrialRow:
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str = ""
 
 
 def trial_status(epochs: int, max_epochs: int, diverged: bool, error: bool) -> str:
@@ -61,8 +62,17 @@ def rows_from_results(results: Iterable[Any], phase: str, searched_keys: Sequenc
             test_dice=float(metrics.get(METRIC_TEST_DICE, float("nan"))),
             status=trial_status(epochs, max_epochs, bool(metrics.get(METRIC_DIVERGED)), result.error is not None),
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k},
-            config={k: v for k, v in config.items() if "." in k and not k.startswith("_")}))
+            config={k: v for k, v in config.items() if "." in k and not k.startswith("_")},
+            checkpoint=checkpoint_uri(result.checkpoint)))
     return rows
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A trial checkpoint's location as a URI that ``ray.tune.Checkpoint(path)`` can open again."""
+    if checkpoint is None:
+        return ""
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def _fmt(value: Any) -> str:

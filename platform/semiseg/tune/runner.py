@@ -29,7 +29,9 @@ from semiseg.data.errors import DatasetError
 from semiseg.data.layout import validate_layout
 from semiseg.data.source import PHANTOM, prepare_cache, resolve_dataset
 from semiseg.data.splits import make_split
-from semiseg.tracking import Tracker, default_tracking_uri, metric_name, mlflow_ui_command, study_tags
+from semiseg.tracking import (TAG_OPTUNA_STORAGE, TAG_STORAGE_PATH, Tracker, default_tracking_uri, metric_name,
+                              mlflow_ui_command, study_tags)
+from semiseg.tune.model_registry import register_best_models
 from semiseg.tune.cli import StudyArgs, parse_args
 from semiseg.tune.results import (TrialRow, best_row, final_table, format_final_table, format_table,
                                   rows_from_results)
@@ -55,6 +57,7 @@ class StudyOutcome:
     best: TrialRow | None = None
     final: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict)
     final_val: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict)
+    registered_models: list[str] = field(default_factory=list)
 
 
 def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
@@ -152,8 +155,9 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     experiment_id = tracker.experiment_id(study.name)
     parent_run_id = state.get("parent_run_id")
     if parent_run_id is None and experiment_id is not None:
-        parent_run_id = tracker.start_run(experiment_id, study.name,
-                                          study_tags(study.name, _study_methods(study, base), dataset_name))
+        tags = {**study_tags(study.name, _study_methods(study, base), dataset_name),
+                TAG_OPTUNA_STORAGE: f"sqlite:///{study_dir / 'optuna.db'}", TAG_STORAGE_PATH: str(runs_root)}
+        parent_run_id = tracker.start_run(experiment_id, study.name, tags)
         if parent_run_id:
             tracker.log_params(parent_run_id, _public(base))
     state.update({"parent_run_id": parent_run_id, "tracking_uri": tracking_uri})
@@ -174,6 +178,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
         rows += _run_fixed(context, "final", variants, shown + ["train.seed"])
 
     outcome = _summarise(study, tracking_uri, parent_run_id, rows)
+    outcome.registered_models = register_best_models(rows, tracker, experiment_id, study.name)
     _report(outcome, tracker, parent_run_id, study_dir)
     if parent_run_id:
         tracker.end_run(parent_run_id, "FINISHED")
@@ -388,11 +393,14 @@ def _report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, 
             summary[f"final/{name}/val_dice_mean"] = outcome.final_val.get(group, {}).get("dice", (float("nan"),))[0]
         _print_against_supervised(outcome)
     payload = {"study": outcome.study, "tracking_uri": outcome.tracking_uri, "parent_run_id": parent_run_id,
-               "summary": summary, "final": outcome.final, "trials": [asdict(r) for r in outcome.rows]}
+               "summary": summary, "final": outcome.final, "registered_models": outcome.registered_models,
+               "trials": [asdict(r) for r in outcome.rows]}
     (study_dir / RESULTS_FILE).write_text(json.dumps(payload, indent=2, default=str))
     if parent_run_id:
         tracker.log_metrics(parent_run_id, {k: v for k, v in summary.items() if v == v}, step=0)
         tracker.log_json(parent_run_id, payload, RESULTS_FILE)
+    if outcome.registered_models:
+        print("registered models: " + ", ".join(outcome.registered_models))
     print(f"\nresults: {study_dir / RESULTS_FILE}\nMLflow UI: {mlflow_ui_command(outcome.tracking_uri)}\n",
           flush=True)
 

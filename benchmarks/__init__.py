@@ -1,0 +1,1 @@
+"""Performance benchmarks of the semiseg platform (see ``benchmarks/README.md``)."""

@@ -1,0 +1,169 @@
+"""Section 1: training-step throughput of every method against a bare PyTorch loop.
+
+All variants use the same U-Net (``BuildContext.build_network``), the same pre-drawn
+phantom batches, the same number of images per step and the same threads, and they are
+timed in interleaved rounds. Augmentation ranges are zero for the like-for-like
+comparison (the platform still runs its warps, which are then identities); the
+augmented supervised and mean-teacher steps are reported separately.
+
+Costs are per image pushed through the trained network(s): a semi-supervised step on
+``batch`` images (half labelled) is compared with a supervised step on ``batch``
+labelled images. Theoretical costs relative to the supervised step, with a forward pass
+costing a fraction f of a forward + backward + optimiser step (f ≈ 1/3):
+
+- mean teacher: one teacher forward over the batch, 1 + f;
+- UA-MT: 1 + (1 + T) teacher forwards (T Monte-Carlo passes) over the fraction u of the
+  batch the consistency covers (u = 1/2 with the default ``cons_on = unlabelled``),
+  1 + (1 + T)·f·u;
+- CPS: two networks, 2.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Check, Section, interleaved, rate_figure, torch_threads, usable_cores
+from benchmarks.workloads import (ForwardOnly, PlatformStep, StepShape, WithThreads, bare_step, draw_batches,
+                                  experiment_config, phantom_data)
+from semiseg.methods import method_defaults, method_names
+
+FORWARD_FRACTION = 1.0 / 3.0
+ALLOWANCE = 1.10
+"""Theoretical ratios get 10 % for the losses, the (identity) warps and the EMA update."""
+SUPERVISED_VS_BARE = 0.95
+MEAN_TEACHER_VS_SUPERVISED = 1.5
+AUGMENTED = ("supervised", "mean_teacher")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Sizes of the step section.
+
+    Attributes:
+        shape: the problem (network, images, batch, threads).
+        steps: optimiser steps per timed unit.
+        min_repeats, max_repeats: interleaved timed rounds (at least, at most).
+        budget_s: time after which no new round starts once ``min_repeats`` are done.
+        warmup: untimed rounds first.
+        methods: methods to time (empty: every registered one).
+        compare_threads: threads of an extra bare-loop variant (thread scaling; default: all cores).
+    """
+
+    shape: StepShape = field(default_factory=StepShape)
+    steps: int = 1
+    min_repeats: int = 3
+    max_repeats: int = 9
+    budget_s: float = 150.0
+    warmup: int = 1
+    methods: tuple[str, ...] = ()
+    compare_threads: int = field(default_factory=lambda: usable_cores())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able data."""
+        return {**asdict(self), "shape": self.shape.to_dict()}
+
+
+def theoretical_costs(batch: int, forward_fraction: float) -> dict[str, float]:
+    """Cost of a step relative to the supervised step, per method with a known model."""
+    unlabelled = (batch - batch // 2) / batch
+    passes = 1 + int(method_defaults("ua_mean_teacher")["mc_passes"])
+    return {"mean_teacher": 1.0 + forward_fraction,
+            "ua_mean_teacher": 1.0 + passes * forward_fraction * unlabelled,
+            "cross_pseudo_supervision": 2.0}
+
+
+def _variants(settings: StepSettings, workdir: Path) -> dict[str, Any]:
+    shape = settings.shape
+    data = phantom_data(shape, workdir)
+    labelled = draw_batches(data, shape, settings.steps, semi=False)
+    mixed = draw_batches(data, shape, settings.steps, semi=True)
+    methods = settings.methods or tuple(method_names())
+    supervised_cfg = experiment_config(shape, "supervised", settings.steps, augment=False)
+    variants: dict[str, Any] = {"bare": bare_step(supervised_cfg, data, labelled, settings.steps)}
+    variants["forward_only"] = ForwardOnly(copy.deepcopy(variants["bare"].network), labelled, settings.steps)
+    if settings.compare_threads != shape.threads:
+        variants[f"bare@{settings.compare_threads}threads"] = WithThreads(
+            bare_step(supervised_cfg, data, labelled, settings.steps), settings.compare_threads)
+    for method in methods:
+        batches = labelled if method == "supervised" else mixed
+        variants[method] = PlatformStep(experiment_config(shape, method, settings.steps, augment=False),
+                                        data, batches)
+    for method in AUGMENTED:
+        if method in methods:
+            batches = labelled if method == "supervised" else mixed
+            variants[f"{method}+augment"] = PlatformStep(
+                experiment_config(shape, method, settings.steps, augment=True), data, batches)
+    return variants
+
+
+def run(settings: StepSettings, workdir: Path) -> Section:
+    """Time every variant and compare the costs with the bare loop and the theory."""
+    shape = settings.shape
+    section = Section("Step throughput (samples/s)", settings.to_dict())
+    with torch_threads(shape.threads):
+        variants = _variants(settings, workdir)
+        timings = interleaved(variants, settings.min_repeats, settings.max_repeats, settings.budget_s,
+                              settings.warmup)
+    images = shape.batch * settings.steps
+    for name in variants:
+        section.figures[f"throughput/{name}"] = rate_figure(timings, name, images, "samples/s", _help(name))
+    _ratios(section, [name for name in variants if not name.startswith(("bare", "forward_only"))])
+    threads = settings.compare_threads
+    if threads != shape.threads:
+        section.add_ratio(f"thread speed-up {threads} vs {shape.threads}", f"throughput/bare@{threads}threads",
+                          "throughput/bare", f"bare-loop throughput with {threads} threads relative to "
+                                             f"{shape.threads}; below {threads / shape.threads:.0f}, {threads} "
+                                             "one-thread trials beat one multi-thread trial")
+    _checks(section, shape.batch)
+    section.notes.append(f"Problem: {shape.describe()}; {settings.steps} step(s) per unit, "
+                         f"{timings.rounds} interleaved rounds.")
+    section.notes.append("Costs are per image through the trained network(s); the supervised step and the bare "
+                         "loop get the whole batch labelled, semi-supervised steps half labelled, half unlabelled.")
+    return section
+
+
+def _help(name: str) -> str:
+    if name == "bare":
+        return "hand-written loop: forward, Dice+CE, backward, AdamW (no clipping, no augmentation)"
+    if name.startswith("bare@"):
+        return "the bare loop with another thread count (one trial using all cores vs one trial per core)"
+    if name == "forward_only":
+        return "no-grad eval-mode forward of the same network (a teacher pass)"
+    if name.endswith("+augment"):
+        return "platform step with the default augmentation ranges"
+    return "platform step (_train_epoch: training_step, _backward_and_step, after_step), identity augmentation"
+
+
+def _ratios(section: Section, platform: list[str]) -> None:
+    section.add_ratio("supervised / bare", "throughput/supervised", "throughput/bare",
+                      "throughput of the platform's supervised step relative to the bare loop")
+    section.add_ratio("forward fraction f", "throughput/bare", "throughput/forward_only",
+                      "cost of a no-grad forward relative to a bare forward+backward+AdamW step")
+    for name in platform:
+        if name != "supervised":
+            section.add_ratio(f"cost {name} / supervised", "throughput/supervised", f"throughput/{name}",
+                              "cost per image relative to the platform's supervised step")
+
+
+def _checks(section: Section, batch: int) -> None:
+    section.checks.append(Check("supervised step vs bare loop (throughput)",
+                                section.ratios["supervised / bare"]["value"], SUPERVISED_VS_BARE, ">="))
+    mt = section.ratios.get("cost mean_teacher / supervised")
+    if mt:
+        section.checks.append(Check("mean_teacher cost vs supervised", mt["value"], MEAN_TEACHER_VS_SUPERVISED, "<="))
+    measured_f = section.ratios["forward fraction f"]["value"]
+    assumed = theoretical_costs(batch, FORWARD_FRACTION)
+    predicted = theoretical_costs(batch, measured_f)
+    for method in ("ua_mean_teacher", "cross_pseudo_supervision"):
+        record = section.ratios.get(f"cost {method} / supervised")
+        if record:
+            section.checks.append(Check(
+                f"{method} cost vs supervised", record["value"], assumed[method] * ALLOWANCE, "<=",
+                f"theory {assumed[method]:.2f} with f = 1/3 (+10 %); {predicted[method]:.2f} with measured "
+                f"f = {measured_f:.2f}"))
+    for method, value in predicted.items():
+        section.extra[f"predicted cost {method} (measured f)"] = value
+        section.extra[f"theoretical cost {method} (f = 1/3)"] = assumed[method]

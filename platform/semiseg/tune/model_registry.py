@@ -1,0 +1,100 @@
+"""The best model of each method, logged with its config and registered in MLflow's model registry."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Sequence
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import semiseg
+from semiseg.models import build_model
+from semiseg.tracking import TAG_PHASE, TAG_TRIAL_ID, Tracker
+from semiseg.train.loop import CHECKPOINT_FILE
+from semiseg.tune.results import TrialRow
+
+log = logging.getLogger(__name__)
+
+
+def registered_model_name(study: str, method: str) -> str:
+    """``semiseg-<study>-<method>``."""
+    return f"semiseg-{study}-{method}"
+
+
+def best_rows_by_method(rows: Sequence[TrialRow]) -> dict[str, TrialRow]:
+    """For each method, its completed trial with the highest validation Dice that has a checkpoint.
+
+    Final-phase trials are preferred (they ran to the end); searched trials otherwise.
+    """
+    best: dict[str, TrialRow] = {}
+    for row in rows:
+        if row.status != "completed" or not row.checkpoint or math.isnan(row.best_val_dice):
+            continue
+        current = best.get(row.method)
+        key = (row.phase == "final", row.best_val_dice)
+        if current is None or key > (current.phase == "final", current.best_val_dice):
+            best[row.method] = row
+    return best
+
+
+def load_best_model(row: TrialRow) -> tuple[torch.nn.Module, np.ndarray]:
+    """The evaluation network of ``row`` at its best validation epoch, rebuilt from its checkpoint.
+
+    Returns:
+        The network in eval mode and an input example (zeros of a size every depth accepts).
+
+    Raises:
+        ValueError: the checkpoint has no best model or model description.
+    """
+    from ray.tune import Checkpoint
+
+    with Checkpoint(row.checkpoint).as_directory() as folder:
+        payload = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=False)
+    spec, state = payload.get("model_spec"), payload.get("best_eval_state")
+    if spec is None or state is None:
+        raise ValueError(f"checkpoint {row.checkpoint} holds no best model")
+    model_cfg = spec["model"]
+    network = build_model(model_cfg["name"], dims=spec["dims"], in_channels=spec["in_channels"],
+                          num_classes=spec["num_classes"], depth=model_cfg["depth"], width=model_cfg["width"],
+                          dropout=model_cfg["dropout"], norm=model_cfg["norm"])
+    network.load_state_dict(state)
+    side = 2 ** (int(model_cfg["depth"]) + 1)
+    example = np.zeros((1, spec["in_channels"], *([side] * int(spec["dims"]))), dtype=np.float32)
+    return network.eval(), example
+
+
+def register_best_models(rows: Sequence[TrialRow], tracker: Tracker, experiment_id: str | None,
+                         study: str) -> list[str]:
+    """Log and register the best model of each method; return the registered names.
+
+    The model is logged (``mlflow.pytorch``) into the child run of its trial, so its params
+    and ``config.json`` sit beside it, and registered as ``semiseg-<study>-<method>``.
+    Failures warn and skip: a study never fails on its registry.
+    """
+    if not tracker.enabled or experiment_id is None:
+        return []
+    import mlflow
+    import mlflow.pytorch
+
+    registered = []
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    for method, row in sorted(best_rows_by_method(rows).items()):
+        run_id = tracker.find_run(experiment_id, {TAG_TRIAL_ID: row.trial_id, TAG_PHASE: row.phase})
+        if run_id is None:
+            continue
+        name = registered_model_name(study, method)
+        try:
+            network, example = load_best_model(row)
+            with mlflow.start_run(run_id=run_id):
+                mlflow.pytorch.log_model(network, name="model", registered_model_name=name,
+                                         serialization_format="pickle", input_example=example,
+                                         code_paths=[str(Path(semiseg.__file__).parent)])
+            registered.append(name)
+        except Exception as error:  # noqa: BLE001 - the registry is a convenience, never a failure
+            warnings.warn(f"could not register the best {method} model ({error})", RuntimeWarning, stacklevel=2)
+    return registered
