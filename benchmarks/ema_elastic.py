@@ -182,7 +182,7 @@ def _agreement(section: Section, settings: EmaElasticSettings) -> None:
         result = agreement(tuple(dims[2:]), dims[0], settings.sigma, settings.points)
         for key, value in result.items():
             section.extra[f"elastic {name}: {key}"] = value
-        section.checks.append(Check(f"elastic {name}: max |grid_sample − elasticdeform| (smooth image)",
+        section.checks.append(Check(f"elastic {name}: max abs difference grid_sample vs elasticdeform (smooth image)",
                                     result["max_abs_difference"], MAX_DIFFERENCE, "<="))
         section.checks.append(Check(f"elastic {name}: Dice of deformed label maps", result["label_dice"],
                                     DICE_AGREEMENT, ">="))

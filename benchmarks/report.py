@@ -20,6 +20,11 @@ def number(value: Any) -> str:
     return f"{value:.3g}"
 
 
+def cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def verdict(check: Mapping[str, Any]) -> str:
     """PASS or MISS."""
     return "PASS" if check["passed"] else "MISS"
@@ -50,7 +55,7 @@ def _summary(sections: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["## Targets", "", "| section | check | measured | target | verdict |", "|---|---|---|---|---|"]
     for name, check in rows:
-        lines.append(f"| {name} | {check['name']} | {number(check['measured'])} | {check['op']} "
+        lines.append(f"| {name} | {cell(check['name'])} | {number(check['measured'])} | {check['op']} "
                      f"{number(check['target'])} | {verdict(check)} |")
     return lines + [""]
 
@@ -74,8 +79,8 @@ def _figures(figures: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["| figure | median | min–max | n | from CPU time | unit | what |", "|---|---|---|---|---|---|---|"]
     for name, fig in figures.items():
-        lines.append(f"| {name} | {number(fig['median'])} | {number(fig['min'])}–{number(fig['max'])} | "
-                     f"{fig['n']} | {number(fig.get('cpu_median'))} | {fig['unit']} | {fig.get('help', '')} |")
+        lines.append(f"| {cell(name)} | {number(fig['median'])} | {number(fig['min'])}–{number(fig['max'])} | "
+                     f"{fig['n']} | {number(fig.get('cpu_median'))} | {fig['unit']} | {cell(fig.get('help', ''))} |")
     return lines + [""]
 
 
@@ -86,9 +91,9 @@ def _ratios(ratios: Mapping[str, Any]) -> list[str]:
              "|---|---|---|---|---|"]
     for name, record in ratios.items():
         rounds = record["per_round"]
-        lines.append(f"| {name} | {number(record['value'])} | {number(rounds['median'])} "
+        lines.append(f"| {cell(name)} | {number(record['value'])} | {number(rounds['median'])} "
                      f"({number(rounds['min'])}–{number(rounds['max'])}) | {number(record.get('cpu_value'))} | "
-                     f"{record.get('help', '')} |")
+                     f"{cell(record.get('help', ''))} |")
     return lines + [""]
 
 
@@ -97,8 +102,8 @@ def _checks(checks: list[Mapping[str, Any]]) -> list[str]:
         return []
     lines = ["| check | measured | target | verdict | note |", "|---|---|---|---|---|"]
     for check in checks:
-        lines.append(f"| {check['name']} | {number(check['measured'])} | {check['op']} {number(check['target'])} | "
-                     f"{verdict(check)} | {check.get('note', '')} |")
+        lines.append(f"| {cell(check['name'])} | {number(check['measured'])} | {check['op']} "
+                     f"{number(check['target'])} | {verdict(check)} | {cell(check.get('note', ''))} |")
     return lines + [""]
 
 
@@ -108,11 +113,11 @@ def _extra(extra: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     if scalars:
         lines += ["| other | value |", "|---|---|"]
-        lines += [f"| {key} | {number(value)} |" for key, value in scalars.items()]
+        lines += [f"| {cell(key)} | {cell(number(value))} |" for key, value in scalars.items()]
         lines.append("")
     for title, table in tables.items():
         lines += [f"**{title}**", "", "| " + " | ".join(table["columns"]) + " |",
                   "|" + "---|" * len(table["columns"])]
-        lines += ["| " + " | ".join(number(cell) for cell in row) + " |" for row in table["rows"]]
+        lines += ["| " + " | ".join(cell(number(value)) for value in row) + " |" for row in table["rows"]]
         lines.append("")
     return lines

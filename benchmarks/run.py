@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -167,6 +168,7 @@ def write_results(run: dict[str, Any], out: Path) -> tuple[Path, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected sections; exit status 1 when a section failed (targets are never asserted)."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names, skipped = selected(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="semiseg-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ instead of at launch time.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import re
@@ -106,7 +105,8 @@ def test_cluster_yaml_names_the_cluster_and_provider(config):
 def test_a_fractional_gpu_resource_is_rejected(config, schema):
     config["available_node_types"]["gpu_1x"]["resources"]["GPU"] = 0.5
     errors = schema_errors(config, schema)
-    assert any("available_node_types/gpu_1x/resources/GPU" in e and "not of type 'integer'" in e for e in errors), errors
+    assert any(e.startswith("available_node_types/gpu_1x/resources/GPU:") and "not of type 'integer'" in e
+               for e in errors), errors
 
 
 def test_a_node_type_without_node_config_is_rejected(config, schema):

@@ -21,7 +21,7 @@ def _fenced_commands() -> list[str]:
 def test_readme_opens_with_setup_plus_main_job_then_setup_plus_tests():
     first, second = _fenced_commands()[:2]
     assert first.startswith("bash scripts/setup.sh") and "studies/ema_sweep.py" in first
-    assert second.startswith("bash scripts/setup.sh") and "pytest" in second
+    assert second.startswith("bash scripts/setup.sh --test") and "pytest" in second
 
 
 def test_ci_extracts_the_readme_test_command():

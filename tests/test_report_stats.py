@@ -235,7 +235,8 @@ def test_phase_and_searched_params_by_method():
     assert phase_of("s-search-mean_teacher-" + "a" * 32, "s") == "search-mean_teacher"
     assert phase_of("s-search-local", "s") == "search"
     lr = SearchedParam("optim.lr")
-    info = SearchInfo(searches=(OptunaSearch("s-search-mean_teacher-local", phase="search-mean_teacher", params=(lr,)),))
+    search = OptunaSearch("s-search-mean_teacher-local", phase="search-mean_teacher", params=(lr,))
+    info = SearchInfo(searches=(search,))
     assert searched_by_method(info, study_trials()) == {"mean_teacher": [lr]}
     fallback = searched_by_method(SearchInfo(note="no storage"), study_trials())
     assert fallback == {"mean_teacher": [SearchedParam("method.ema_decay"), lr]}
@@ -351,3 +352,17 @@ def test_mlflow_ui_binds_loopback_and_defaults_to_the_runs_store(tmp_path: Path,
     (tmp_path / "runs" / "mlflow.db").touch()
     assert module.main(["--storage-path", str(tmp_path / "runs"), "--dry-run"]) == 0
     assert "--host 127.0.0.1" in capsys.readouterr().out
+
+
+def test_grafana_dashboard_queries_ray_metrics_through_its_datasource_variable():
+    import json
+
+    dashboard = json.loads((REPO / "dashboards" / "grafana_study_progress.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    titles = {p["title"] for p in panels}
+    assert {"Trials running", "Trials pending", "Trials terminated", "CPU utilisation", "GPU utilisation"} <= titles
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"] and all("ray_" in t["expr"] for t in panel["targets"]), panel["title"]
+    assert "datasource" in {v["name"] for v in dashboard["templating"]["list"]}

@@ -43,6 +43,10 @@ def test_unknown_override_key(tmp_path):
 def test_shared_cli_defaults_and_validation():
     args = parse_args("x", "y", ["--smoke", "--workers-per-trial", "2", "--set", "optim.lr=1e-3"])
     assert args.smoke and args.workers_per_trial == 2 and args.overrides == (("optim.lr", "1e-3"),)
-    assert args.storage_path.is_absolute()
+    assert Path(args.storage_path).is_absolute() and args.state_dir == Path(args.storage_path)
+    cloud = parse_args("x", "y", ["--storage-path", "s3://bucket/semiseg"])
+    assert cloud.storage_path == "s3://bucket/semiseg", "a URI must not be resolved as a local path"
+    assert cloud.state_dir == Path.home() / "semiseg_runs"
+    assert parse_args("x", "y", ["--storage-path", "s3://b/p", "--state-dir", "st"]).state_dir.is_absolute()
     with pytest.raises(SystemExit):
         parse_args("x", "y", ["--num-samples", "0"])

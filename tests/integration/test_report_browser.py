@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -50,8 +51,12 @@ METHODS = {"mean_teacher", "supervised"}
 
 
 def chromium() -> str:
-    """The Chromium binary; fails the test (never skips) when it is not installed."""
-    path = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
+    """The Chromium binary (``$SEMISEG_CHROMIUM``, else ``chromium`` on PATH, else /usr/bin/chromium).
+
+    Fails the test (never skips) when none is installed.
+    """
+    path = os.environ.get("SEMISEG_CHROMIUM") or shutil.which("chromium") or \
+        (CHROMIUM if Path(CHROMIUM).exists() else None)
     if path is None:
         pytest.fail("Chromium is not installed (expected /usr/bin/chromium): run the test set-up, "
                     "`scripts/setup.sh --test`, which installs it with `apt-get install -y chromium`", pytrace=False)

@@ -70,7 +70,7 @@ def build_study_view(record: StudyRecord, read_artifact: ArtifactReader) -> Stud
 def _figures(record: StudyRecord, rows: Sequence[MethodRow], costs: Sequence[CostRow],
              searched: Mapping[str, Sequence[SearchedParam]], info: SearchInfo) -> list[FigureView]:
     budgets = {r.params.get(LABEL_KEY) for row in rows for r in row.runs}
-    importance_note = info.note or "; ".join(f"{s.name}: {s.note}" for s in info.searches if s.note) \
+    importance_note = info.note or "; ".join(f"{s.phase}: {s.note}" for s in info.searches if s.note) \
         or "no search recorded importances"
     return [
         FigureView("Learning curves", figures.learning_curves(record.trials),

@@ -66,14 +66,16 @@ def learning_curves(trials: Sequence[TrialRun]) -> bytes | None:
         steps, values = zip(*trial.histories[METRIC_VAL_DICE])
         stopped = trial.status in STOPPED_STATUSES
         axes.plot(steps, values, color=colours[trial.method], linestyle="--" if stopped else "-",
-                  alpha=0.35 if stopped else 0.9, linewidth=1.0 if stopped else 1.6, marker="." if len(steps) < 4 else None)
+                  alpha=0.35 if stopped else 0.9, linewidth=1.0 if stopped else 1.6,
+                  marker="." if len(steps) < 4 else None)
     from matplotlib.lines import Line2D
 
     handles = []
     for method, colour in colours.items():
         mine = [t for t in drawn if t.method == method]
         stopped = sum(t.status in STOPPED_STATUSES for t in mine)
-        handles.append(Line2D([], [], color=colour, label=f"{method} ({len(mine) - stopped} full, {stopped} stopped by ASHA)"))
+        label = f"{method} ({len(mine) - stopped} full, {stopped} stopped by ASHA)"
+        handles.append(Line2D([], [], color=colour, label=label))
     if any(t.status in STOPPED_STATUSES for t in drawn):
         handles.append(Line2D([], [], color="black", linestyle="--", alpha=0.35, label="stopped early (dashed)"))
     axes.legend(handles=handles, fontsize=8, loc="best")
@@ -180,7 +182,7 @@ def importances(searches: Sequence[OptunaSearch]) -> bytes | None:
         axes.barh(list(ranked), list(ranked.values()), color=PALETTE[0])
         axes.set_xlim(0, max(1.0, max(ranked.values())))
         axes.set_xlabel("importance (optuna.importance.get_param_importances)")
-        axes.set_title(f"{search.name} ({search.complete} complete trials)", fontsize=9)
+        axes.set_title(f"{search.phase} ({search.complete} complete trials)", fontsize=9)
         axes.grid(axis="x", alpha=0.3)
     return _png(figure)
 

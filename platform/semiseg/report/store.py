@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import unquote, urlparse
 
 from semiseg.tracking import (METRIC_EPOCH, METRIC_VAL_DICE, METRIC_VAL_DICE_BEST, ROLE_STUDY, ROLE_TRIAL,
-                              TAG_METHOD, TAG_PARENT, TAG_PHASE, TAG_ROLE, TAG_STATUS, TAG_STUDY, TAG_TRIAL_ID)
+                              TAG_METHOD, TAG_PARENT, TAG_PHASE, TAG_ROLE, TAG_STATUS, TAG_TRIAL_ID)
 
 RESULTS_ARTIFACT = "results.json"
 TAG_OPTUNA_STORAGE = "semiseg.optuna_storage"

@@ -31,10 +31,11 @@ class MlflowTrialCallback(Callback):
         phase: ``search`` or ``baseline`` (tag).
         dataset: dataset name (tag).
         max_epochs: epochs of a full trial, to tell completed from stopped trials.
+        resource_tags: what each trial reserved (workers, CPUs and GPUs per worker), for cost reports.
     """
 
     def __init__(self, tracker: Tracker, experiment_id: str | None, parent_run_id: str | None, study: str,
-                 phase: str, dataset: str, max_epochs: int) -> None:
+                 phase: str, dataset: str, max_epochs: int, resource_tags: dict[str, str] | None = None) -> None:
         self.tracker = tracker
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -42,6 +43,7 @@ class MlflowTrialCallback(Callback):
         self.phase = phase
         self.dataset = dataset
         self.max_epochs = max_epochs
+        self.resource_tags = dict(resource_tags or {})
         self.run_ids: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
         self.diverged: set[str] = set()
@@ -55,8 +57,8 @@ class MlflowTrialCallback(Callback):
                                                             "semiseg.phase": self.phase})
         if run_id is None:
             config = expand_trial_config(trial.config)
-            tags = trial_tags(self.study, str(config.get("method.name", "?")), trial.trial_id, self.phase,
-                              self.parent_run_id, self.dataset)
+            tags = {**trial_tags(self.study, str(config.get("method.name", "?")), trial.trial_id, self.phase,
+                                 self.parent_run_id, self.dataset), **self.resource_tags}
             run_id = self.tracker.start_run(self.experiment_id, f"{self.phase}-{trial.trial_id}", tags)
             if run_id is not None:
                 self.tracker.log_params(run_id, flatten_for_params(config))

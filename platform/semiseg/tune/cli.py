@@ -22,7 +22,8 @@ class StudyArgs:
     cpus_per_worker: int
     max_concurrent: int | None
     tracking_uri: str | None
-    storage_path: Path
+    storage_path: str
+    state_dir: Path
     resume: bool
     smoke: bool
     seed: int
@@ -49,7 +50,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow URI (default: sqlite:///<storage-path>/mlflow.db); http:// servers work")
     parser.add_argument("--storage-path", default="runs",
-                        help="folder (or cloud URI prefix on a cluster) for results, checkpoints and stores")
+                        help="folder, or a URI like s3://bucket/prefix shared by a cluster, for Ray's trial "
+                             "results and checkpoints")
+    parser.add_argument("--state-dir", default=None,
+                        help="local folder for the study's Optuna database, results.json and default MLflow "
+                             "store (default: the storage path when it is a folder, else ~/semiseg_runs)")
     parser.add_argument("--resume", action="store_true", help="continue the last run of this study")
     parser.add_argument("--smoke", action="store_true", help="a tiny version of the study (minutes on a laptop)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler, the split and the trials")
@@ -59,6 +64,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="override any config key, e.g. --set optim.lr=3e-4 (repeatable)")
     parser.add_argument("--skip-baselines", action="store_true", help="run the search only")
     return parser
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` is a URI (``s3://…``, ``gs://…``) rather than a local folder."""
+    return "://" in path
 
 
 def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> StudyArgs:
@@ -75,9 +85,14 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
             parser.error(f"{flag} must be >= 1")
     if ns.workers_per_trial < 1 or ns.cpus_per_worker < 1 or ns.gpus_per_worker < 0:
         parser.error("--workers-per-trial and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
+    storage = ns.storage_path if is_uri(ns.storage_path) else str(Path(ns.storage_path).expanduser().resolve())
+    if ns.state_dir:
+        state_dir = Path(ns.state_dir).expanduser().resolve()
+    else:
+        state_dir = Path.home() / "semiseg_runs" if is_uri(storage) else Path(storage)
     return StudyArgs(dataset=ns.dataset, num_samples=ns.num_samples, max_epochs=ns.max_epochs,
                      workers_per_trial=ns.workers_per_trial, gpus_per_worker=ns.gpus_per_worker,
                      cpus_per_worker=ns.cpus_per_worker, max_concurrent=ns.max_concurrent,
-                     tracking_uri=ns.tracking_uri, storage_path=Path(ns.storage_path).expanduser().resolve(),
+                     tracking_uri=ns.tracking_uri, storage_path=storage, state_dir=state_dir,
                      resume=ns.resume, smoke=ns.smoke, seed=ns.seed, address=ns.address,
                      overrides=overrides, skip_baselines=ns.skip_baselines)

@@ -43,6 +43,7 @@ from semiseg.tune.trainables import STORAGE_KEY, make_trainable
 log = logging.getLogger("semiseg.study")
 STATE_FILE = "study_state.json"
 RESULTS_FILE = "results.json"
+CLUSTER_CONCURRENCY = 8
 EXIT_INPUT_ERROR = 2
 
 
@@ -137,14 +138,15 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     """Run the phases of a validated study and print the report."""
     import ray
 
-    runs_root = args.storage_path
+    runs_root = args.state_dir
+    ray_storage = f"{args.storage_path.rstrip('/')}/ray"
     study_dir = runs_root / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = args.tracking_uri or default_tracking_uri(runs_root)
     max_epochs = int(base["train.max_epochs"])
     num_samples = args.num_samples or (study.smoke_num_samples if args.smoke else study.num_samples)
     final_seeds = study.smoke_final_seeds if args.smoke and study.final_seeds else study.final_seeds
-    base = {**base, STORAGE_KEY: str(runs_root / "ray")}
+    base = {**base, STORAGE_KEY: ray_storage}
     state = _load_state(study_dir) if args.resume else {}
 
     started_ray = not ray.is_initialized()
@@ -156,7 +158,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     parent_run_id = state.get("parent_run_id")
     if parent_run_id is None and experiment_id is not None:
         tags = {**study_tags(study.name, _study_methods(study, base), dataset_name),
-                TAG_OPTUNA_STORAGE: f"sqlite:///{study_dir / 'optuna.db'}", TAG_STORAGE_PATH: str(runs_root)}
+                TAG_OPTUNA_STORAGE: f"sqlite:///{study_dir / 'optuna.db'}", TAG_STORAGE_PATH: args.storage_path}
         parent_run_id = tracker.start_run(experiment_id, study.name, tags)
         if parent_run_id:
             tracker.log_params(parent_run_id, _public(base))
@@ -168,7 +170,8 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
           f"final phase with {max(1, final_seeds)} seed(s); MLflow {tracking_uri}\n", flush=True)
 
     context = _PhaseContext(study, args, base, tracker, experiment_id, parent_run_id, dataset_name,
-                            max_epochs, runs_root, study_dir)
+                            max_epochs, runs_root, study_dir, ray_storage, joined_cluster=not started_ray
+                            or bool(args.address or os.environ.get("RAY_ADDRESS")))
     rows: list[TrialRow] = []
     for phase, space, phase_base in searches:
         rows += _run_search(context, phase, space, phase_base, num_samples, state)
@@ -246,17 +249,22 @@ class _PhaseContext:
     max_epochs: int
     runs_root: Path
     study_dir: Path
+    ray_storage: str
+    joined_cluster: bool = False
 
     def callback(self, phase: str):
         from semiseg.tune.callbacks import MlflowTrialCallback
 
+        resources = {"semiseg.workers_per_trial": str(self.args.workers_per_trial),
+                     "semiseg.cpus_per_worker": str(self.args.cpus_per_worker),
+                     "semiseg.gpus_per_worker": str(self.args.gpus_per_worker)}
         return MlflowTrialCallback(self.tracker, self.experiment_id, self.parent_run_id, self.study.name, phase,
-                                   self.dataset_name, self.max_epochs)
+                                   self.dataset_name, self.max_epochs, resources)
 
     def run_config(self, phase: str, space: Any = None):
         from ray import tune
 
-        return tune.RunConfig(name=f"{self.study.name}-{phase}", storage_path=str(self.runs_root / "ray"),
+        return tune.RunConfig(name=f"{self.study.name}-{phase}", storage_path=self.ray_storage,
                               callbacks=[self.callback(phase)],
                               failure_config=tune.FailureConfig(max_failures=2),
                               checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -266,10 +274,17 @@ class _PhaseContext:
     def trainable(self):
         return make_trainable(self.args.workers_per_trial, self.args.cpus_per_worker, self.args.gpus_per_worker)
 
-    def experiment_path(self, phase: str) -> Path:
-        return self.runs_root / "ray" / f"{self.study.name}-{phase}"
+    def experiment_path(self, phase: str) -> str:
+        return f"{self.ray_storage}/{self.study.name}-{phase}"
 
-    def max_concurrent(self) -> int:
+    def max_concurrent(self, trials: int) -> int:
+        """``--max-concurrent``; else what the resources fit now, and on a joined cluster at least
+        ``min(trials, CLUSTER_CONCURRENCY)``.
+
+        An autoscaling cluster starts with no workers: sizing by its current resources would
+        run one trial at a time and never scale it up; unlimited concurrency would leave TPE
+        without feedback (every suggestion made before any result).
+        """
         if self.args.max_concurrent:
             return self.args.max_concurrent
         import ray
@@ -280,6 +295,8 @@ class _PhaseContext:
         if self.args.gpus_per_worker > 0:
             per_trial_gpu = self.args.gpus_per_worker * self.args.workers_per_trial
             slots = min(slots, int(resources.get("GPU", 0) // per_trial_gpu + 1e-9))
+        if self.joined_cluster:
+            slots = max(slots, min(trials, CLUSTER_CONCURRENCY))
         return max(1, slots)
 
 
@@ -294,9 +311,9 @@ def _run_search(context: _PhaseContext, phase: str, space: Any, phase_base: dict
 
     study, args = context.study, context.args
     path = context.experiment_path(phase)
-    if args.resume and tune.Tuner.can_restore(str(path)):
+    if args.resume and tune.Tuner.can_restore(path):
         print(f"resuming {phase} from {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), context.trainable(), resume_errored=True, resume_unfinished=True)
+        tuner = tune.Tuner.restore(path, context.trainable(), resume_errored=True, resume_unfinished=True)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{context.study_dir / 'optuna.db'}")
         optuna_name = state.setdefault(f"optuna_study/{phase}",
@@ -312,7 +329,7 @@ def _run_search(context: _PhaseContext, phase: str, space: Any, phase_base: dict
                                   reduction_factor=study.reduction_factor)
         tuner = tune.Tuner(context.trainable(), param_space=phase_base,
                            tune_config=tune.TuneConfig(
-                               search_alg=ConcurrencyLimiter(searcher, context.max_concurrent()),
+                               search_alg=ConcurrencyLimiter(searcher, context.max_concurrent(num_samples)),
                                scheduler=scheduler, metric=study.metric, mode=study.mode, num_samples=num_samples,
                                trial_dirname_creator=trial_dirname),
                            run_config=context.run_config(phase, space))
@@ -328,13 +345,13 @@ def _run_fixed(context: _PhaseContext, phase: str, variants: list[dict[str, Any]
     from ray import tune
 
     path = context.experiment_path(phase)
-    if context.args.resume and tune.Tuner.can_restore(str(path)):
+    if context.args.resume and tune.Tuner.can_restore(path):
         print(f"resuming {phase} from {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), context.trainable(), resume_errored=True, resume_unfinished=True)
+        tuner = tune.Tuner.restore(path, context.trainable(), resume_errored=True, resume_unfinished=True)
     else:
         param_space = {STORAGE_KEY: context.base[STORAGE_KEY], VARIANT_KEY: tune.grid_search(variants)}
         tuner = tune.Tuner(context.trainable(), param_space=param_space,
-                           tune_config=tune.TuneConfig(max_concurrent_trials=context.max_concurrent(),
+                           tune_config=tune.TuneConfig(max_concurrent_trials=context.max_concurrent(len(variants)),
                                                        metric=context.study.metric, mode=context.study.mode,
                                                        trial_dirname_creator=trial_dirname),
                            run_config=context.run_config(phase))
