@@ -8,19 +8,22 @@ every trial (read from each trial's ``result.json``). Target: ≤ 1.2×.
 
 The excess is attributed from the same files: per trial, the first epoch's
 ``time_this_iter_s`` minus its train + val time minus a typical epoch's excess is the
-in-process start-up (data preparation, model build; target ≤ 2 s); a middle epoch's
-excess is the per-epoch report + checkpoint; the last epoch's extra excess is the test
-evaluation; what the trials' own clocks do not cover (``wall − Σ time_total_s / C``) is
-the driver, MLflow and Ray scheduling, including the trial processes' start.
+in-process start-up (target ≤ 2 s); a middle epoch's excess is the per-epoch report +
+checkpoint; the last epoch's extra excess is the test evaluation; the trials' whole-second
+timestamps place the driver's time before the first trial trains and after the last
+report. The loop's own start-up is also measured without Ray, in a fresh interpreter
+(what every new trial process pays) and in a warm one, and the study is re-run with
+Tune's ``reuse_actors=True`` patched into the runner (a candidate optimisation).
 
 A second study runs one trial as a Ray Train DDP group (``--workers-per-trial 2``); its
-first report's ``time_total_s`` minus that epoch's train + val time is the DDP start-up.
+first report's ``time_this_iter_s`` minus that epoch's train + val time is the DDP start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -173,10 +176,25 @@ def timed_study(study: Any, argv: list[str], log: Path) -> tuple[float, float]:
     from semiseg.tune.runner import check_dataset, resolve_base_config
 
     check_dataset(resolve_base_config(study, parse_args(study.name, "", argv)))
-    with log.open("a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+    with log.open("a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), \
+            quiet_loggers("ray", "optuna"):
         epoch, started = time.time(), time.perf_counter()
         run_study(study, argv)
         return epoch, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the given loggers to ERROR for a block (Tune's advice warnings would flood the console)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def run(settings: TrialSettings, workdir: Path) -> Section:
