@@ -9,6 +9,7 @@ preparation from the existing cache, model and optimiser build, first checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -31,10 +32,8 @@ class _FirstReport:
             self.arrived = time.perf_counter()
             self.metrics = dict(metrics)
 
-    def restored_checkpoint(self):
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[None]:
         """Never resumes."""
-        import contextlib
-
         return contextlib.nullcontext(None)
 
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks.common import Check, Section, interleaved, rate_figure, seconds_figure, torch_threads
 from benchmarks.workloads import PlatformStep, StepShape, draw_batches, experiment_config, phantom_data, sampler
@@ -112,7 +112,7 @@ def _preprocessing(section: Section, settings: DataSettings, workdir: Path) -> N
     builds = {"as stored": PreprocessSettings(), "resampled 1x1x1.5 mm + crop": RESAMPLED}
     roots: list[Path] = []
 
-    def builder(preprocess: PreprocessSettings):
+    def builder(preprocess: PreprocessSettings) -> Callable[[], None]:
         def build() -> None:
             roots.append(Path(tempfile.mkdtemp(prefix="cache-", dir=workdir)))
             build_cache(layout, preprocess, roots[-1])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -104,7 +104,7 @@ class NaiveEma:
             target.mul_(decay).add_(source, alpha=1.0 - decay)
 
 
-def _repeat_update(updater: Any, count: int):
+def _repeat_update(updater: Any, count: int) -> Callable[[], None]:
     def work() -> None:
         for _ in range(count):
             updater.update(0.99)
@@ -188,7 +188,7 @@ def _agreement(section: Section, settings: EmaElasticSettings) -> None:
                                     DICE_AGREEMENT, ">="))
 
 
-def _deform_backward(deform: Any, probs: torch.Tensor, displacement: torch.Tensor):
+def _deform_backward(deform: Any, probs: torch.Tensor, displacement: torch.Tensor) -> Callable[[], None]:
     def work() -> None:
         source = probs.detach().requires_grad_(True)
         deform(source, displacement).square().sum().backward()

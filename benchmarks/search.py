@@ -137,7 +137,7 @@ def best_test(reports: list[Report]) -> float | None:
     return float(finished[max(best_val, key=best_val.get)].test_dice)
 
 
-def _study(name: str, settings: SearchSettings, sampler: str):
+def _study(name: str, settings: SearchSettings, sampler: str) -> Any:
     from semiseg.tune import Study
 
     base = dict(settings.config)

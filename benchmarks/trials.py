@@ -137,7 +137,7 @@ def read_trials(experiment_root: Path, prefix: str) -> list[TrialTimes]:
     return trials
 
 
-def _study(name: str, settings: TrialSettings, epochs: int):
+def _study(name: str, settings: TrialSettings, epochs: int) -> Any:
     from semiseg.tune import Study
 
     return Study(name=name, description="benchmark: study overhead", base=dict(settings.config),

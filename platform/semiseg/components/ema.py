@@ -65,3 +65,42 @@ class EmaUpdater:
 
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+class EmaTeacher:
+    """A mean teacher: a frozen EMA copy of a student with a decay schedule.
+
+    The decay is ``decay`` until ``switch_epoch`` and ``late_decay`` after it (Perone &
+    Cohen-Adad: 0.99, then 0.999 after 50 epochs), capped by ``1 − 1/(step + 1)`` while
+    the student is young (Tarvainen & Valpola's warm-up). Epochs count from the start of the
+    semi-supervised stage.
+
+    Args:
+        student: the network the teacher follows (before any DDP wrapping; the wrapped
+            module shares its parameters).
+        decay, late_decay, switch_epoch: the schedule (``late_decay`` or ``switch_epoch`` ≤ 0
+            keep ``decay``).
+    """
+
+    def __init__(self, student: nn.Module, decay: float, late_decay: float = 0.0, switch_epoch: float = 0.0) -> None:
+        self.module = make_teacher(student)
+        self.student = student
+        self.decay, self.late_decay, self.switch_epoch = decay, late_decay, switch_epoch
+        self._updater: EmaUpdater | None = None
+
+    def _ema(self) -> EmaUpdater:
+        if self._updater is None:
+            self._updater = EmaUpdater(self.module, self.student)
+        return self._updater
+
+    def update(self, step: int, stage_epoch: float) -> float:
+        """One EMA step at the scheduled decay; returns the decay used."""
+        from semiseg.schedules import ema_decay_at
+
+        decay = ema_decay_at(step, stage_epoch, self.decay, self.late_decay, self.switch_epoch)
+        self._ema().update(decay)
+        return decay
+
+    def reset_to_student(self) -> None:
+        """Copy the student into the teacher (when the semi-supervised stage starts after pretraining)."""
+        self._ema().update(0.0)

@@ -336,14 +336,27 @@ def read_dataset_json(path: Path, required: Iterable[str], problems: Problems) -
 
 
 def _parse_channel_names(path: Path, meta: Mapping[str, Any], problems: Problems) -> dict[str, str]:
-    raw = meta.get("channel_names")
+    return parse_channel_map(path, meta, "channel_names", problems)
+
+
+def parse_channel_map(path: Path, meta: Mapping[str, Any], key: str, problems: Problems) -> dict[str, str]:
+    """``{"0": "T1", "1": "T2"}`` under ``key`` (nnU-Net ``channel_names``, Decathlon ``modality``).
+
+    Args:
+        path: the ``dataset.json``, named in problems.
+        meta: its parsed content.
+        key: the entry to read.
+        problems: where a malformed entry is reported.
+
+    Returns:
+        Channel index (as a string) to name, contiguous from "0"; {} when absent or malformed.
+    """
+    raw = meta.get(key)
     if raw is None:
         return {}
     expected = [str(i) for i in range(len(raw))] if isinstance(raw, dict) else None
     if not isinstance(raw, dict) or not raw or sorted(raw, key=_int_or_inf) != expected:
-        problems.append(
-            (str(path), f'"channel_names" must map "0", "1", ... to modality names, got {raw!r}')
-        )
+        problems.append((str(path), f'"{key}" must map "0", "1", ... to modality names, got {raw!r}'))
         return {}
     return {str(i): str(raw[str(i)]) for i in range(len(raw))}
 

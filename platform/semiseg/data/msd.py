@@ -32,6 +32,7 @@ from semiseg.data.layout import (
     Problems,
     check_root,
     duplicate_case_problems,
+    parse_channel_map,
     read_dataset_json,
     with_extra_unlabelled,
 )
@@ -86,7 +87,7 @@ def read_msd(
     json_path = root / "dataset.json"
     problems: Problems = []
     meta = read_dataset_json(json_path, MSD_REQUIRED_KEYS, problems)
-    channel_names = _parse_modality(json_path, meta, problems)
+    channel_names = parse_channel_map(json_path, meta, "modality", problems)
     labels = _parse_labels(json_path, meta, problems)
     packed = len(channel_names) or 1
     training = _parse_training(root, json_path, meta.get("training"), packed, problems)
@@ -108,21 +109,6 @@ def read_msd(
         return layout
     extra = _scan_extra(Path(extra_unlabelled), packed, problems)
     return with_extra_unlabelled(layout, extra, problems)
-
-
-def _parse_modality(path: Path, meta: Mapping[str, Any], problems: Problems) -> dict[str, str]:
-    raw = meta.get("modality")
-    if raw is None:
-        return {}
-    expected = [str(i) for i in range(len(raw))] if isinstance(raw, dict) else None
-    if not isinstance(raw, dict) or not raw or sorted(raw, key=_int_or_inf) != expected:
-        problems.append((str(path), f'"modality" must map "0", "1", ... to modality names, got {raw!r}'))
-        return {}
-    return {str(i): str(raw[str(i)]) for i in range(len(raw))}
-
-
-def _int_or_inf(text: str) -> float:
-    return int(text) if text.isdigit() else float("inf")
 
 
 def _parse_labels(path: Path, meta: Mapping[str, Any], problems: Problems) -> dict[str, int]:

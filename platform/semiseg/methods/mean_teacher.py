@@ -26,11 +26,10 @@ from typing import Any, Mapping
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, valid_mask, warp, warp_labels
-from semiseg.components.ema import EmaUpdater, make_teacher
+from semiseg.components.ema import EmaTeacher
 from semiseg.losses import consistency_loss, supervised_loss
 from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
 from semiseg.methods.registry import register_method
-from semiseg.schedules import ema_decay_at
 
 
 @register_method
@@ -55,8 +54,9 @@ class MeanTeacher(Method):
         super().__init__(context, params)
         student = context.build_network()
         self.trained["student"] = student
-        self.frozen["teacher"] = make_teacher(student)
-        self._ema: EmaUpdater | None = None
+        self.teacher = EmaTeacher(student, float(self.params["ema_decay"]), float(self.params["ema_decay_late"]),
+                                  float(self.params["ema_switch_epoch"]))
+        self.frozen["teacher"] = self.teacher.module
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss on the labelled part, ramped consistency on all images."""
@@ -84,18 +84,11 @@ class MeanTeacher(Method):
 
     def begin_semi_supervised(self) -> None:
         """After pretraining, the teacher starts as a copy of the pretrained student."""
-        self._updater().update(0.0)
-
-    def _updater(self) -> EmaUpdater:
-        if self._ema is None:
-            self._ema = EmaUpdater(self.frozen["teacher"], self.trained["student"])
-        return self._ema
+        self.teacher.reset_to_student()
 
     def after_step(self, progress: Progress) -> None:
         """EMA update of the teacher with the scheduled decay."""
-        decay = ema_decay_at(progress.step, progress.stage_epoch, float(self.params["ema_decay"]),
-                             float(self.params["ema_decay_late"]), float(self.params["ema_switch_epoch"]))
-        self._updater().update(decay)
+        self.teacher.update(progress.step, progress.stage_epoch)
 
     def eval_model(self) -> torch.nn.Module:
         """The teacher (the EMA model is the one the paper evaluates)."""

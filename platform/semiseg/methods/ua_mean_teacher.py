@@ -35,13 +35,13 @@ from typing import Any, Mapping
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
-from semiseg.components.ema import EmaUpdater, make_teacher
+from semiseg.components.ema import EmaTeacher
 from semiseg.components.uncertainty import (certainty_mask, clamped_noise, masked_consistency, mc_teacher_probs,
                                             predictive_entropy, uncertainty_threshold)
 from semiseg.losses import supervised_loss
 from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
 from semiseg.methods.registry import register_method
-from semiseg.schedules import ema_decay_at, rampup
+from semiseg.schedules import rampup
 
 CONSISTENCY_TARGETS = ("unlabelled", "all")
 
@@ -70,8 +70,8 @@ class UaMeanTeacher(Method):
             raise ValueError(f"cons_on must be one of {CONSISTENCY_TARGETS}, got {self.params['cons_on']!r}")
         student = context.build_network()
         self.trained["student"] = student
-        self.frozen["teacher"] = make_teacher(student)
-        self._ema: EmaUpdater | None = None
+        self.teacher = EmaTeacher(student, float(self.params["ema_decay"]))
+        self.frozen["teacher"] = self.teacher.module
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss on the labelled part, uncertainty-masked consistency with the teacher."""
@@ -116,17 +116,11 @@ class UaMeanTeacher(Method):
 
     def begin_semi_supervised(self) -> None:
         """After pretraining, the teacher starts as a copy of the pretrained student."""
-        self._updater().update(0.0)
-
-    def _updater(self) -> EmaUpdater:
-        if self._ema is None:
-            self._ema = EmaUpdater(self.frozen["teacher"], self.trained["student"])
-        return self._ema
+        self.teacher.reset_to_student()
 
     def after_step(self, progress: Progress) -> None:
         """EMA update of the teacher with the warm-up-capped decay."""
-        decay = ema_decay_at(progress.step, progress.stage_epoch, float(self.params["ema_decay"]), 0.0, 0.0)
-        self._updater().update(decay)
+        self.teacher.update(progress.step, progress.stage_epoch)
 
     def eval_model(self) -> torch.nn.Module:
         """The EMA teacher (as for mean teacher; the reference code evaluates the student)."""
