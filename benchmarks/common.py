@@ -192,6 +192,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def parallel_backend() -> str:
+    """torch's intra-op backend line (e.g. ``OpenMP 201511 (a.k.a. OpenMP 4.5)``)."""
+    for line in torch.__config__.parallel_info().splitlines():
+        if "OpenMP" in line or "thread pool" in line.lower():
+            return line.strip()
+    return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures depend on: CPU, cores, threads, library versions, accelerator, load."""
     import optuna
@@ -201,10 +209,11 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable_cores(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads_default": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "parallel_backend": parallel_backend(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "ray": ray.__version__,

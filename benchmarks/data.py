@@ -109,6 +109,14 @@ def _preprocessing(section: Section, settings: DataSettings, workdir: Path) -> N
     x, y, z = settings.phantom_shape
     layout = generate_phantom(workdir / f"phantom-pre-{x}x{y}x{z}-{settings.phantom_cases}",
                               num_training=settings.phantom_cases, num_test=0, shape=settings.phantom_shape, seed=1)
+    rounds = _cache_builds(section, settings, layout, workdir)
+    _cache_reads(section, settings, layout, workdir / "cache-read")
+    section.notes.append(f"Preprocessing: {settings.phantom_cases} phantom cases of {x}x{y}x{z} voxels, "
+                         f"{rounds} fresh builds per variant.")
+
+
+def _cache_builds(section: Section, settings: DataSettings, layout: Any, workdir: Path) -> int:
+    """Time ``build_cache`` into a fresh root per call, as stored and resampled; return the rounds."""
     builds = {"as stored": PreprocessSettings(), "resampled 1x1x1.5 mm + crop": RESAMPLED}
     roots: list[Path] = []
 
@@ -119,21 +127,25 @@ def _preprocessing(section: Section, settings: DataSettings, workdir: Path) -> N
         return build
 
     timings = interleaved({name: builder(p) for name, p in builds.items()}, settings.cache_repeats, warmup=0)
+    x, y, z = settings.phantom_shape
     for name in builds:
         section.figures[f"build_cache {name} cases/s"] = rate_figure(
             timings, name, settings.phantom_cases, "cases/s", f"fresh cache root, {x}x{y}x{z} phantom")
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
-    read_root = workdir / "cache-read"
-    cache = build_cache(layout, PreprocessSettings(), read_root)
+    return timings.rounds
+
+
+def _cache_reads(section: Section, settings: DataSettings, layout: Any, root: Path) -> None:
+    """Time reading every slice back, and a trial's ``prepare_split``, from one built cache."""
+    cache = build_cache(layout, PreprocessSettings(), root)
     reads = interleaved({"iter_slices": lambda: _read_all(cache.path),
-                         "prepare_split": lambda: _prepare(layout, read_root, settings.phantom_cases)}, settings.cache_repeats)
+                         "prepare_split": lambda: _prepare(layout, root, settings.phantom_cases)},
+                        settings.cache_repeats)
     section.figures["cache read rows/s"] = rate_figure(reads, "iter_slices", cache.num_rows, "rows/s",
                                                        "CachedDataset.iter_slices over every slice")
     section.figures["prepare_split from cache"] = seconds_figure(
         reads, "prepare_split", help="a trial's data preparation when the cache exists")
-    section.notes.append(f"Preprocessing: {settings.phantom_cases} phantom cases of {x}x{y}x{z} voxels, "
-                         f"{timings.rounds} fresh builds per variant.")
 
 
 def _read_all(path: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-MACHINE_KEYS = ("cpu_model", "logical_cores", "usable_cores", "torch_threads", "torch_interop_threads",
-                "cpu_capability", "mkldnn", "torch", "ray", "optuna", "python", "os", "cuda", "gpu")
+MACHINE_KEYS = ("cpu_model", "logical_cores", "usable_cores", "torch_threads_default", "torch_interop_threads",
+                "parallel_backend", "cpu_capability", "mkldnn", "torch", "ray", "optuna", "python", "os", "cuda",
+                "gpu")
 
 
 def number(value: Any) -> str:

@@ -36,6 +36,7 @@ ALLOWANCE = 1.10
 SUPERVISED_VS_BARE = 0.95
 MEAN_TEACHER_VS_SUPERVISED = 1.5
 AUGMENTED = ("supervised", "mean_teacher")
+NO_CLIP = "supervised (no grad clip)"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def theoretical_costs(batch: int, forward_fraction: float) -> dict[str, float]:
             "cross_pseudo_supervision": 2.0}
 
 
-def _variants(settings: StepSettings, workdir: Path) -> dict[str, Any]:
+def _variants(settings: StepSettings, workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The compared steps, and the thread-scaling pair (timed apart: idle OpenMP threads disturb neighbours)."""
     shape = settings.shape
     data = phantom_data(shape, workdir)
     labelled = draw_batches(data, shape, settings.steps, semi=False)
@@ -84,19 +86,24 @@ def _variants(settings: StepSettings, workdir: Path) -> dict[str, Any]:
     supervised_cfg = experiment_config(shape, "supervised", settings.steps, augment=False)
     variants: dict[str, Any] = {"bare": bare_step(supervised_cfg, data, labelled, settings.steps)}
     variants["forward_only"] = ForwardOnly(copy.deepcopy(variants["bare"].network), labelled, settings.steps)
-    if settings.compare_threads != shape.threads:
-        variants[f"bare@{settings.compare_threads}threads"] = WithThreads(
-            bare_step(supervised_cfg, data, labelled, settings.steps), settings.compare_threads)
     for method in methods:
         batches = labelled if method == "supervised" else mixed
         variants[method] = PlatformStep(experiment_config(shape, method, settings.steps, augment=False),
                                         data, batches)
+    if "supervised" in methods:
+        variants[NO_CLIP] = PlatformStep(experiment_config(shape, "supervised", settings.steps, augment=False,
+                                                           overrides={"optim.grad_clip": 0.0}), data, labelled)
     for method in AUGMENTED:
         if method in methods:
             batches = labelled if method == "supervised" else mixed
             variants[f"{method}+augment"] = PlatformStep(
                 experiment_config(shape, method, settings.steps, augment=True), data, batches)
-    return variants
+    scaling = {}
+    if settings.compare_threads != shape.threads:
+        scaling = {f"bare@{shape.threads}thread": bare_step(supervised_cfg, data, labelled, settings.steps),
+                   f"bare@{settings.compare_threads}threads": WithThreads(
+                       bare_step(supervised_cfg, data, labelled, settings.steps), settings.compare_threads)}
+    return variants, scaling
 
 
 def run(settings: StepSettings, workdir: Path) -> Section:
@@ -104,19 +111,16 @@ def run(settings: StepSettings, workdir: Path) -> Section:
     shape = settings.shape
     section = Section("Step throughput (samples/s)", settings.to_dict())
     with torch_threads(shape.threads):
-        variants = _variants(settings, workdir)
+        variants, scaling = _variants(settings, workdir)
         timings = interleaved(variants, settings.min_repeats, settings.max_repeats, settings.budget_s,
                               settings.warmup)
+        scaled = interleaved(scaling, settings.min_repeats, settings.min_repeats, warmup=1) if scaling else None
     images = shape.batch * settings.steps
     for name in variants:
         section.figures[f"throughput/{name}"] = rate_figure(timings, name, images, "samples/s", _help(name))
-    _ratios(section, [name for name in variants if not name.startswith(("bare", "forward_only"))])
-    threads = settings.compare_threads
-    if threads != shape.threads:
-        section.add_ratio(f"thread speed-up {threads} vs {shape.threads}", f"throughput/bare@{threads}threads",
-                          "throughput/bare", f"bare-loop throughput with {threads} threads relative to "
-                                             f"{shape.threads}; below {threads / shape.threads:.0f}, {threads} "
-                                             "one-thread trials beat one multi-thread trial")
+    _ratios(section, [name for name in variants if name not in ("bare", "forward_only")])
+    if scaled is not None:
+        _thread_scaling(section, scaled, settings, images)
     _checks(section, shape.batch)
     section.notes.append(f"Problem: {shape.describe()}; {settings.steps} step(s) per unit, "
                          f"{timings.rounds} interleaved rounds.")
@@ -125,11 +129,23 @@ def run(settings: StepSettings, workdir: Path) -> Section:
     return section
 
 
+def _thread_scaling(section: Section, scaled: Any, settings: StepSettings, images: int) -> None:
+    one, many = list(scaled.wall)
+    for name in (one, many):
+        section.figures[f"throughput/{name}"] = rate_figure(scaled, name, images, "samples/s", _help(name))
+    threads, base = settings.compare_threads, settings.shape.threads
+    section.add_ratio(f"thread speed-up {threads} vs {base}", f"throughput/{many}", f"throughput/{one}",
+                      f"bare-loop throughput with {threads} threads relative to {base} (own interleaved pair); "
+                      f"below {threads / base:.0f}, {threads} one-thread trials beat one {threads}-thread trial")
+
+
 def _help(name: str) -> str:
     if name == "bare":
         return "hand-written loop: forward, Dice+CE, backward, AdamW (no clipping, no augmentation)"
     if name.startswith("bare@"):
-        return "the bare loop with another thread count (one trial using all cores vs one trial per core)"
+        return "bare loop in a separate interleaved pair: one trial's threads vs all cores"
+    if name == NO_CLIP:
+        return "platform supervised step with optim.grad_clip = 0 (attributes the clipping)"
     if name == "forward_only":
         return "no-grad eval-mode forward of the same network (a teacher pass)"
     if name.endswith("+augment"):

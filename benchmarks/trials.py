@@ -38,6 +38,7 @@ from benchmarks.common import Check, Figure, Section, usable_cores
 REPO = Path(__file__).resolve().parents[1]
 OVERHEAD_TARGET = 1.2
 STARTUP_TARGET_S = 2.0
+DDP_RELEASE_WAIT_S = 10.0
 STUDY_CONFIG = {
     "method.name": "mean_teacher",
     "data.phantom_cases": 16,
@@ -152,17 +153,36 @@ def _argv(workdir: Path, settings: TrialSettings, epochs: int, extra: list[str])
 
 
 def start_ray(workdir: Path) -> float:
-    """Start a local Ray whose workers share this run's phantom cache; return the seconds it took (0 if up)."""
-    import os
+    """Start a local Ray whose workers share this run's phantom cache; return the seconds it took.
 
+    A running Ray is reused when all its CPUs are free; otherwise (CPUs still reserved, as
+    after a Ray Train trial) it is restarted so that the next study can schedule its trials.
+    """
     import ray
 
     if ray.is_initialized():
-        return 0.0
+        if free_cpus() >= usable_cores():
+            return 0.0
+        ray.shutdown()
     started = time.perf_counter()
     ray.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"SEMISEG_CACHE": os.environ.get("SEMISEG_CACHE", str(workdir / "cache"))}})
     return time.perf_counter() - started
+
+
+def free_cpus() -> float:
+    """CPUs of the running Ray that no task, actor or placement group holds."""
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
+
+
+def reserved_after(seconds: float) -> float:
+    """CPUs still held after waiting up to ``seconds`` for them to be released (0 when all are free)."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline and free_cpus() < usable_cores():
+        time.sleep(0.5)
+    return usable_cores() - free_cpus()
 
 
 def timed_study(study: Any, argv: list[str], log: Path) -> tuple[float, float]:
@@ -331,6 +351,12 @@ def _ddp(section: Section, settings: TrialSettings, workdir: Path) -> None:
     trials = read_trials(workdir / "runs" / "ray", study.name)
     section.figures["DDP study wall"] = Figure("s", [wall], f"one trial, {settings.ddp_workers} Ray Train workers, "
                                                             f"{settings.ddp_epochs} epochs")
+    held = reserved_after(DDP_RELEASE_WAIT_S)
+    section.extra[f"CPUs still reserved {DDP_RELEASE_WAIT_S:.0f} s after the DDP study"] = held
+    if held > 0:
+        section.notes.append(f"After the DDP study {held:.0f} CPU(s) stayed reserved by its worker group's "
+                             "placement group; later trials in the same Ray session would wait forever, so Ray "
+                             "is restarted before the next study.")
     if trials:
         first = trials[0]
         section.figures["DDP trial: time to first report"] = Figure(

@@ -66,7 +66,8 @@ def test_data_run_writes_json_with_machine_and_section(data_run):
     record, _ = data_run
     assert record["mode"] == "quick" and list(record["sections"]) == ["data"]
     machine = record["machine"]
-    for key in ("cpu_model", "logical_cores", "usable_cores", "torch", "ray", "torch_threads", "load_average"):
+    for key in ("cpu_model", "logical_cores", "usable_cores", "torch", "ray", "torch_threads_default",
+                "load_average"):
         assert key in machine, key
     section = record["sections"]["data"]
     assert "error" not in section, section.get("error")

@@ -32,9 +32,9 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def mlflow_store(tmp_path_factory) -> str:
-    """A fresh SQLite MLflow store (absolute URI)."""
+    """A fresh SQLite MLflow store per test (absolute URI): tests count the runs they leave."""
     folder = tmp_path_factory.mktemp("mlflow")
     return f"sqlite:///{folder / 'mlflow.db'}"
 

@@ -123,23 +123,29 @@ def non_blank(data: bytes) -> bool:
 
 
 @pytest.fixture(scope="module")
-def report(ray_local, mlflow_store, tmp_path_factory) -> Path:
+def report_store(tmp_path_factory) -> str:
+    """The MLflow store of this module's study (shared by its tests, not by other modules)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('report-mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def report(ray_local, report_store, tmp_path_factory) -> Path:
     """A small study (2-trial Mean Teacher search, 2 seeds each) and its rendered report."""
     folder = tmp_path_factory.mktemp("report")
-    outcome = run_study(STUDY, ["--storage-path", str(folder / "runs"), "--tracking-uri", mlflow_store, *TINY])
+    outcome = run_study(STUDY, ["--storage-path", str(folder / "runs"), "--tracking-uri", report_store, *TINY])
     assert {row.method for row in outcome.rows if row.phase == "final"} == METHODS
     out = folder / "report.html"
     done = subprocess.run([sys.executable, str(REPO / "dashboards" / "study_report.py"), "--tracking-uri",
-                           mlflow_store, "--study", STUDY.name, "--out", str(out)],
+                           report_store, "--study", STUDY.name, "--out", str(out)],
                           capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(out.resolve())
     return out
 
 
-def test_unknown_study_exits_2_with_one_line(report: Path, mlflow_store: str, tmp_path: Path):
+def test_unknown_study_exits_2_with_one_line(report: Path, report_store: str, tmp_path: Path):
     done = subprocess.run([sys.executable, str(REPO / "dashboards" / "study_report.py"), "--tracking-uri",
-                           mlflow_store, "--study", "no_such_study", "--out", str(tmp_path / "r.html")],
+                           report_store, "--study", "no_such_study", "--out", str(tmp_path / "r.html")],
                           capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
