@@ -60,8 +60,7 @@ ARGS_3D = [*ARGS_2D, "--set", "data.dims=3", "--set", "model.name=vnet", "--set"
            "--set", "train.val_batch_size=4"]
 
 
-@pytest.mark.parametrize("layout_name", ["nnunet", "msd"])
-@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("layout_name,dims", [("nnunet", 2), ("msd", 3), ("msd", 2)])
 def test_study_runs_on_a_dataset_path(layout_name, dims, request, ray_local, mlflow_store, tmp_path):
     dataset = request.getfixturevalue(f"{layout_name}_dataset")
     args = ARGS_2D if dims == 2 else ARGS_3D
