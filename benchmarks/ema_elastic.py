@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from benchmarks import elastic_grid_sample
+from semiseg.components import elastic as elastic_grid_sample
 from benchmarks.common import Check, Section, interleaved, seconds_figure, torch_threads
 from benchmarks.workloads import PlatformStep, StepShape, draw_batches, experiment_config, phantom_data
-from semiseg.components import elastic as library_elastic
+from semiseg.components import elasticdeform_reference as library_elastic
 from semiseg.components.ema import EmaUpdater
 
 EMA_FRACTION = 0.02
@@ -65,8 +65,7 @@ class EmaElasticSettings:
     @classmethod
     def quick(cls) -> "EmaElasticSettings":
         """Small sizes for ``--quick``."""
-        return cls(shape=StepShape(image=48, width=8, depth=2, batch=4), steps=1, ema_updates=20, min_repeats=2,
-                   max_repeats=3, budget_s=8.0, elastic_2d=(4, 2, 48, 48), elastic_3d=())
+        return cls(steps=1, ema_updates=20, min_repeats=2, max_repeats=3, budget_s=8.0, elastic_3d=())
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able data."""

@@ -55,8 +55,7 @@ class FlopSettings:
     @classmethod
     def quick(cls) -> "FlopSettings":
         """Small sizes for ``--quick``."""
-        return cls(shape=StepShape(image=48, width=8, depth=2, batch=4), steps=1, peak_shape=(4, 64, 64),
-                   min_repeats=2, max_repeats=3, budget_s=8.0)
+        return cls(steps=1, min_repeats=2, max_repeats=3, budget_s=8.0)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able data."""

@@ -1,7 +1,7 @@
 """Run the performance benchmarks and write ``results/<timestamp>.json`` and ``results/latest.md``.
 
     python benchmarks/run.py                 # everything, under 15 minutes on 2 cores
-    python benchmarks/run.py --quick         # about 3 minutes (skips the search section)
+    python benchmarks/run.py --quick         # 1 to 3 minutes (skips the search section)
     python benchmarks/run.py --only data     # one section (repeatable)
 
 Sections: step (training-step throughput), trials (study and trial overhead on Ray),
@@ -46,11 +46,9 @@ class SectionSpec:
 
 def _step_settings(quick: bool) -> Any:
     from benchmarks.step import StepSettings
-    from benchmarks.workloads import StepShape
 
     if quick:
-        return StepSettings(shape=StepShape(image=48, width=8, depth=2, batch=4), steps=1, min_repeats=2,
-                            max_repeats=3, budget_s=25.0)
+        return StepSettings(steps=1, min_repeats=2, max_repeats=3, budget_s=25.0)
     return StepSettings()
 
 
@@ -62,12 +60,10 @@ def _trials_settings(quick: bool) -> Any:
 
 def _data_settings(quick: bool) -> Any:
     from benchmarks.data import DataSettings
-    from benchmarks.workloads import StepShape
 
     if quick:
-        return DataSettings(shape=StepShape(image=48, width=8, depth=2, batch=4), loader_batches=100, steps=1,
-                            min_repeats=2, max_repeats=3, budget_s=10.0, phantom_cases=6,
-                            phantom_shape=(64, 64, 8), cache_repeats=2)
+        return DataSettings(loader_batches=100, steps=1, min_repeats=2, max_repeats=3, budget_s=10.0,
+                            phantom_cases=8, cache_repeats=2)
     return DataSettings()
 
 
@@ -103,8 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, about 3 minutes; skips 'search' "
-                                                             "unless it is named with --only")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds, smaller studies, 1 to 3 minutes; skips 'search' unless named in --only")
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS), default=None,
                         help="run only this section (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <timestamp>.json and latest.md")

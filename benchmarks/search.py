@@ -13,8 +13,11 @@ Three studies of the mean teacher's EMA decay and consistency weight run through
 Every study uses the same split, seed and epochs. From the trials' ``result.json`` files
 each search's best validation Dice so far is traced against the cumulative epochs spent
 (reports ordered by time). Target: TPE + ASHA within one Dice point (0.01) of the grid's
-best using at most 25 % of the grid's epochs. One search per sampler is one draw: at
-this scale the curves are indicative, not a ranking of samplers.
+best using at most 25 % of the grid's epochs. Each search is one draw: asynchronous ASHA
+and TPE's constant liar depend on the order in which results arrive, so even a fixed
+seed does not repeat a search exactly; at this scale the curves are indicative, not a
+ranking of samplers. ASHA cannot spend fewer than ``trials × grace + (max − grace)``
+epochs if one trial is to finish (reported as its floor).
 """
 
 from __future__ import annotations
@@ -137,6 +140,14 @@ def best_test(reports: list[Report]) -> float | None:
     return float(finished[max(best_val, key=best_val.get)].test_dice)
 
 
+def asha_floor(trials: int, grace_period: int, max_epochs: int) -> int:
+    """Fewest epochs ASHA can spend on ``trials`` trials if one of them runs to ``max_epochs``.
+
+    Every trial runs to the first rung (``grace_period``); at least one continues to the end.
+    """
+    return trials * min(grace_period, max_epochs) + max(0, max_epochs - grace_period)
+
+
 def _study(name: str, settings: SearchSettings, sampler: str) -> Any:
     from semiseg.tune import Study
 
@@ -203,6 +214,8 @@ def _compare(section: Section, settings: SearchSettings, curves: dict[str, list[
     section.checks.append(Check(f"TPE + ASHA best val Dice (whole search) minus the grid's best (median over "
                                 f"{len(tpe)} seeds)", whole - grid_best, -DICE_TOLERANCE, ">=",
                                 f"median {spent:.0f} epochs = {spent / grid_epochs:.0%} of the grid's"))
+    floor = asha_floor(len(settings.grid), settings.grace_period, settings.epochs)
+    section.extra["ASHA's floor: epochs for one full-length trial (share of the grid's)"] = floor / grid_epochs
     section.notes.append(f"Scale: {len(settings.grid)} grid points (ema_decay {settings.decays} x consistency "
                          f"{settings.weights}), {len(settings.grid)} trials per search, {settings.epochs} epochs of "
                          f"{settings.config['train.steps_per_epoch']} steps, phantom "

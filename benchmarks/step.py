@@ -16,6 +16,11 @@ costing a fraction f of a forward + backward + optimiser step (f ≈ 1/3):
   batch the consistency covers (u = 1/2 with the default ``cons_on = unlabelled``),
   1 + (1 + T)·f·u;
 - CPS: two networks, 2.
+
+Two attribution variants: the supervised step without gradient clipping, and, in a
+separate interleaved pair (idle OpenMP threads disturb whatever runs next), the bare
+loop with one thread against all cores: below a speed-up equal to the core count,
+one-thread trials side by side use the machine better than one multi-thread trial.
 """
 
 from __future__ import annotations
@@ -50,11 +55,11 @@ class StepSettings:
         budget_s: time after which no new round starts once ``min_repeats`` are done.
         warmup: untimed rounds first.
         methods: methods to time (empty: every registered one).
-        compare_threads: threads of an extra bare-loop variant (thread scaling; default: all cores).
+        compare_threads: threads of the thread-scaling pair's second bare loop (default: all cores).
     """
 
     shape: StepShape = field(default_factory=StepShape)
-    steps: int = 1
+    steps: int = 2
     min_repeats: int = 3
     max_repeats: int = 9
     budget_s: float = 150.0

@@ -228,7 +228,7 @@ def run(settings: TrialSettings, workdir: Path) -> Section:
     trials = read_trials(workdir / "runs" / "ray", study.name)
     _overhead(section, settings, wall, trials)
     section.extra["timeline (s of wall)"] = _timeline(trials, began, wall)
-    _startups(section, settings, workdir)
+    _startups(section, settings)
     if settings.reuse_actors_variant:
         _reuse_actors(section, settings, workdir, wall)
     if settings.ddp_workers > 1:
@@ -250,7 +250,7 @@ def cold_start(config: dict[str, Any]) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _startups(section: Section, settings: TrialSettings, workdir: Path) -> None:
+def _startups(section: Section, settings: TrialSettings) -> None:
     from benchmarks.cold_start import measure
 
     config = dict(settings.config)

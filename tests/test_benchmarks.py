@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import elastic_grid_sample  # noqa: E402
+from semiseg.components import elastic as elastic_grid_sample  # noqa: E402
 from benchmarks.common import Section, interleaved, rate_figure  # noqa: E402
 from benchmarks.report import render  # noqa: E402
-from semiseg.components import elastic as library_elastic  # noqa: E402
+from semiseg.components import elasticdeform_reference as library_elastic  # noqa: E402
 
 AGREEMENT_TOLERANCE = 1e-5
 """Measured: max |grid_sample - elasticdeform| is 2e-7 to 9e-7 on smooth unit-amplitude images."""
@@ -151,7 +151,7 @@ def test_trial_times_attribute_startup_reports_and_test_evaluation():
 
 
 def test_search_curve_tracks_the_best_dice_per_epoch_spent():
-    from benchmarks.search import Report, anytime, best_test, best_within
+    from benchmarks.search import Report, anytime, asha_floor, best_test, best_within
 
     reports = [Report(1, "a", 1, 0.2, None), Report(1, "b", 1, 0.1, None), Report(2, "a", 2, 0.5, 0.4),
                Report(3, "b", 2, 0.3, 0.35)]
@@ -159,6 +159,7 @@ def test_search_curve_tracks_the_best_dice_per_epoch_spent():
     assert curve == [(1, 0.2), (2, 0.2), (3, 0.5), (4, 0.5)]
     assert best_within(curve, 2.5) == 0.2 and best_within(curve, 0.5) == 0.0
     assert best_test(reports) == pytest.approx(0.4)
+    assert asha_floor(6, 2, 12) == 22 and asha_floor(3, 5, 4) == 12
 
 
 def _smooth(shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:

@@ -105,3 +105,12 @@ def test_checkpoints_carry_the_best_overlay_and_model_spec(tiny_config, tmp_path
     assert image.shape[0] * 3 < image.shape[1] * 1.2, "three panels side by side"
     payload = torch.load(folder / "state.pt", weights_only=False)
     assert payload["model_spec"]["num_classes"] == 2 and payload["model_spec"]["in_channels"] == 1
+
+
+def test_channels_last_trains_the_same_model(tiny_config):
+    default, channels_last = LocalSession(), LocalSession()
+    config = {**tiny_config, "method.name": "mean_teacher", "train.max_epochs": 1}
+    run_training(config, default)
+    run_training({**config, "train.channels_last": True}, channels_last)
+    assert channels_last.reports[0]["train/loss"] == pytest.approx(default.reports[0]["train/loss"], rel=1e-3)
+    assert channels_last.reports[0]["val/dice"] == pytest.approx(default.reports[0]["val/dice"], abs=1e-3)
