@@ -1,29 +1,38 @@
-"""Data layer: nnU-Net v2 raw datasets, phantom generation and case-level splits."""
+"""Data layer: nnU-Net v2 and Decathlon datasets, validation, preprocessing and its Parquet
+cache, phantom generation and case-level splits."""
 
+from semiseg.data.cache import CachedDataset, CacheInfo, build_cache
 from semiseg.data.errors import DatasetError
 from semiseg.data.layout import (
     CaseFiles,
     DatasetLayout,
     LoadedCase,
     load_case,
+    read_dataset,
     read_layout,
     validate_layout,
     write_case,
     write_dataset_json,
 )
 from semiseg.data.phantom import generate_phantom, phantom_sites
+from semiseg.data.preprocess import PreprocessSettings
 from semiseg.data.splits import Split, make_split
 
 __all__ = [
+    "CacheInfo",
+    "CachedDataset",
     "CaseFiles",
     "DatasetError",
     "DatasetLayout",
     "LoadedCase",
+    "PreprocessSettings",
     "Split",
+    "build_cache",
     "generate_phantom",
     "load_case",
     "make_split",
     "phantom_sites",
+    "read_dataset",
     "read_layout",
     "validate_layout",
     "write_case",
