@@ -65,7 +65,7 @@ def test_two_workers_per_trial_run_ddp_through_ray_train(ray_local, mlflow_store
 
     outcome = run_study(study, ["--storage-path", str(tmp_path), "--tracking-uri", mlflow_store, *TINY,
                                 "--workers-per-trial", "2", "--num-samples", "1", "--skip-baselines",
-                                "--set", "train.max_epochs=2"])
+                                "--final-seeds", "0", "--set", "train.max_epochs=2"])
     (row,) = outcome.rows
     assert row.epochs == 2 and row.status == "completed"
     assert 0.0 <= row.best_val_dice <= 1.0

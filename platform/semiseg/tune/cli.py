@@ -30,6 +30,7 @@ class StudyArgs:
     address: str | None
     overrides: tuple[tuple[str, str], ...]
     skip_baselines: bool
+    final_seeds: int | None = None
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -63,6 +64,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set optim.lr=3e-4 (repeatable)")
     parser.add_argument("--skip-baselines", action="store_true", help="run the search only")
+    parser.add_argument("--final-seeds", type=int, default=None,
+                        help="seeds of the final re-runs (study default if unset; 0: no re-runs of the searched best)")
     return parser
 
 
@@ -83,6 +86,8 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
                         ("--max-concurrent", ns.max_concurrent)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be >= 1")
+    if ns.final_seeds is not None and ns.final_seeds < 0:
+        parser.error("--final-seeds must be >= 0")
     if ns.workers_per_trial < 1 or ns.cpus_per_worker < 1 or ns.gpus_per_worker < 0:
         parser.error("--workers-per-trial and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
     storage = ns.storage_path if is_uri(ns.storage_path) else str(Path(ns.storage_path).expanduser().resolve())
@@ -95,4 +100,4 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
                      cpus_per_worker=ns.cpus_per_worker, max_concurrent=ns.max_concurrent,
                      tracking_uri=ns.tracking_uri, storage_path=storage, state_dir=state_dir,
                      resume=ns.resume, smoke=ns.smoke, seed=ns.seed, address=ns.address,
-                     overrides=overrides, skip_baselines=ns.skip_baselines)
+                     overrides=overrides, skip_baselines=ns.skip_baselines, final_seeds=ns.final_seeds)

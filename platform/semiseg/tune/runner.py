@@ -146,6 +146,8 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     max_epochs = int(base["train.max_epochs"])
     num_samples = args.num_samples or (study.smoke_num_samples if args.smoke else study.num_samples)
     final_seeds = study.smoke_final_seeds if args.smoke and study.final_seeds else study.final_seeds
+    if args.final_seeds is not None:
+        final_seeds = args.final_seeds
     base = {**base, STORAGE_KEY: ray_storage}
     state = _load_state(study_dir) if args.resume else {}
 
