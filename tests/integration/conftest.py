@@ -26,7 +26,7 @@ def ray_local(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("ray-phantom-cache")
     os.environ["SEMISEG_CACHE"] = str(cache)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
              runtime_env={"env_vars": {"SEMISEG_CACHE": str(cache)}})
     yield ray
     ray.shutdown()

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ from semiseg.data.source import PHANTOM, prepare_cache, resolve_dataset
 from semiseg.data.splits import make_split
 from semiseg.tracking import (TAG_OPTUNA_STORAGE, TAG_STORAGE_PATH, Tracker, default_tracking_uri, metric_name,
                               mlflow_ui_command, study_tags)
+from semiseg.tune.local_ray import init_ray
 from semiseg.tune.model_registry import register_best_models
 from semiseg.tune.cli import StudyArgs, parse_args
 from semiseg.tune.results import (TrialRow, best_row, final_table, format_final_table, format_table,
@@ -153,7 +153,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        _init_ray(args.address)
+        init_ray(args.address)
     tracker = Tracker(tracking_uri, artifact_root=runs_root / "mlartifacts")
     tracker.reachable()
     experiment_id = tracker.experiment_id(study.name)
@@ -456,19 +456,6 @@ def _progress_reporter(metric: str, space: Any):
     keys = list(getattr(space, "keys", []))
     return CLIReporter(metric_columns={"epoch": "epoch", metric: metric, "train/loss": "train/loss"},
                        parameter_columns=keys, max_report_frequency=30, sort_by_metric=True)
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=True,
-                 logging_level=logging.WARNING)
 
 
 def _load_state(study_dir: Path) -> dict:
