@@ -17,7 +17,7 @@ def free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> str | None:
     """Connect to ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``), or start a local Ray.
 
     A local Ray is started so that its own processes can find it even when other Ray instances
@@ -29,6 +29,9 @@ def init_ray(address: str | None) -> None:
     - it runs its dashboard on 127.0.0.1, which serves that State API. Without it a DDP trial
       that Tune stopped (ASHA at the last epoch) never has its worker group's placement group
       freed, and the next DDP trial waits for workers forever (Ray #54305).
+
+    Returns:
+        The dashboard's URL, or None when the cluster has none.
     """
     import ray
     from ray._private.services import get_node_ip_address
@@ -37,14 +40,14 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
+        context = ray.init(address=address, log_to_driver=True)
+        return _dashboard_url(context)
     node_ip = get_node_ip_address()
     port = free_port(node_ip)
     previous = os.environ.get(GCS_PORT_VARIABLE)
     os.environ[GCS_PORT_VARIABLE] = str(port)
     try:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
                  configure_logging=True, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"{node_ip}:{port}"}})
     finally:
@@ -52,3 +55,11 @@ def init_ray(address: str | None) -> None:
             os.environ.pop(GCS_PORT_VARIABLE, None)
         else:
             os.environ[GCS_PORT_VARIABLE] = previous
+    return _dashboard_url(context)
+
+
+def _dashboard_url(context) -> str | None:
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"

@@ -153,7 +153,9 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        init_ray(args.address)
+        dashboard = init_ray(args.address)
+        if dashboard:
+            log.info("Ray dashboard: %s", dashboard)
     tracker = Tracker(tracking_uri, artifact_root=runs_root / "mlartifacts")
     tracker.reachable()
     experiment_id = tracker.experiment_id(study.name)
