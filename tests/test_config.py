@@ -9,7 +9,7 @@ def test_flat_round_trip_and_method_defaults():
     cfg = ExperimentConfig.from_flat({"method.name": "mean_teacher", "optim.lr": "3e-4"})
     flat = cfg.to_flat()
     assert flat["optim.lr"] == pytest.approx(3e-4)
-    assert flat["method.ema_decay"] == 0.99
+    assert flat["method.ema_decay"] == 0.95
     assert flat["method.pretrain_epochs"] == 0
     assert ExperimentConfig.from_flat(flat).to_flat() == flat
 

@@ -50,3 +50,30 @@ def test_shared_cli_defaults_and_validation():
     assert parse_args("x", "y", ["--storage-path", "s3://b/p", "--state-dir", "st"]).state_dir.is_absolute()
     with pytest.raises(SystemExit):
         parse_args("x", "y", ["--num-samples", "0"])
+
+
+def test_methods_option_restricts_a_multi_method_study():
+    from semiseg.config import ConfigError
+    from semiseg.tune import Study
+
+    study = Study(name="cmp", description="", methods={"mean_teacher": ["ema_decay"], "supervised": [],
+                                                        "adversarial": ["adversarial_weight"]},
+                  baselines=({"method.name": "supervised"},))
+    args = parse_args("x", "y", ["--methods", "supervised, mean_teacher"])
+    assert args.methods == ("supervised", "mean_teacher")
+    chosen = study.restricted_to(args.methods)
+    assert list(chosen.methods) == ["mean_teacher", "supervised"], "the study's order is kept"
+    assert chosen.methods["mean_teacher"] == ["ema_decay"] and chosen.baselines == study.baselines
+    assert study.restricted_to(()) is study
+    with pytest.raises(ConfigError, match="cps not in study 'cmp'.*mean_teacher, supervised, adversarial"):
+        study.restricted_to(("cps",))
+    with pytest.raises(ConfigError, match="no method table"):
+        Study(name="one", description="").restricted_to(("mean_teacher",))
+
+
+def test_unknown_method_in_methods_option_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "studies" / "method_comparison.py"), "--storage-path",
+                             str(tmp_path / "runs"), "--methods", "mean_teacher,nope"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nope not in study 'method_comparison'" in result.stderr
+    assert "Traceback" not in result.stderr

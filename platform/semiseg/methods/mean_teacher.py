@@ -7,6 +7,12 @@ building on Tarvainen & Valpola (NeurIPS 2017).
   :mod:`semiseg.components.ema`), with a decay schedule: ``ema_decay`` until
   ``ema_switch_epoch``, then ``ema_decay_late`` (the paper: 0.99 for 50 epochs, then
   0.999).
+- Default decay 0.95, not the paper's 0.99: the paper's schedule runs 350 epochs (10^4+
+  steps), where a horizon of 1/(1 − α) = 100 steps is a small lag. The default schedules
+  here run 400–600 steps; with 0.99 the evaluated teacher still climbed steadily at epoch
+  20 of 20 (val Dice 0.13 → 0.68 while the supervised baseline reached 0.82) and lost to
+  it, and the phantom's ema_sweep put the best decay at 0.928. 0.95 keeps the horizon at
+  20 steps, one default epoch. Long schedules should set 0.99 (and 0.999 late) back.
 - The student sees g(x): a random spatial transform plus intensity noise. The teacher
   sees x with its own noise, and the *same* spatial transform is applied to the
   teacher's output, so the two maps are aligned for the voxel-wise consistency loss
@@ -38,8 +44,8 @@ class MeanTeacher(Method):
 
     name = "mean_teacher"
     hparams = {
-        "ema_decay": HParam(0.99, low=0.9, high=0.9999, complement=True,
-                            help="EMA decay α of the teacher (paper: 0.99 for the first 50 epochs)"),
+        "ema_decay": HParam(0.95, low=0.9, high=0.9999, complement=True,
+                            help="EMA decay α of the teacher (paper: 0.99 over 10^4+ steps; 0.95 for short schedules, see the module docstring)"),
         "ema_decay_late": HParam(0.0, help="decay after ema_switch_epoch (paper: 0.999); 0 keeps ema_decay"),
         "ema_switch_epoch": HParam(0.0, help="epoch at which ema_decay_late takes over; 0 disables"),
         "consistency": HParam(1.0, low=0.1, high=30.0, log=True,

@@ -31,6 +31,7 @@ class StudyArgs:
     overrides: tuple[tuple[str, str], ...]
     skip_baselines: bool
     final_seeds: int | None = None
+    methods: tuple[str, ...] = ()
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -66,6 +67,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--skip-baselines", action="store_true", help="run the search only")
     parser.add_argument("--final-seeds", type=int, default=None,
                         help="seeds of the final re-runs (study default if unset; 0: no re-runs of the searched best)")
+    parser.add_argument("--methods", default=None, metavar="NAME[,NAME...]",
+                        help="run only these of the study's methods (its baselines still run)")
     return parser
 
 
@@ -100,4 +103,5 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
                      cpus_per_worker=ns.cpus_per_worker, max_concurrent=ns.max_concurrent,
                      tracking_uri=ns.tracking_uri, storage_path=storage, state_dir=state_dir,
                      resume=ns.resume, smoke=ns.smoke, seed=ns.seed, address=ns.address,
-                     overrides=overrides, skip_baselines=ns.skip_baselines, final_seeds=ns.final_seeds)
+                     overrides=overrides, skip_baselines=ns.skip_baselines, final_seeds=ns.final_seeds,
+                     methods=tuple(name.strip() for name in (ns.methods or "").split(",") if name.strip()))

@@ -77,6 +77,7 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
     args = parse_args(f"{study.name}.py", study.description, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        study = study.restricted_to(args.methods)
         base = resolve_base_config(study, args)
         layout_name = check_dataset(base, _baselines(study, args))
     except (DatasetError, ConfigError) as error:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
+
+from semiseg.config import ConfigError
 
 SearchSpace = Callable[[Any], "Mapping[str, Any] | None"]
 
@@ -64,3 +66,20 @@ class Study:
     smoke_num_samples: int = 2
     smoke_final_seeds: int = 1
     smoke_baselines: tuple[Mapping[str, Any], ...] | None = None
+
+    def restricted_to(self, names: Sequence[str]) -> "Study":
+        """This study with only the methods ``names`` (its baselines kept).
+
+        Raises:
+            ConfigError: a name that is not one of the study's methods, or a study that
+                searches one method without a ``methods`` table.
+        """
+        if not names:
+            return self
+        if not self.methods:
+            raise ConfigError(f"--methods: study {self.name!r} has no method table to choose from")
+        unknown = [name for name in names if name not in self.methods]
+        if unknown:
+            raise ConfigError(f"--methods: {', '.join(unknown)} not in study {self.name!r} "
+                              f"(its methods: {', '.join(self.methods)})")
+        return replace(self, methods={name: self.methods[name] for name in self.methods if name in names})
