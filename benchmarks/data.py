@@ -1,9 +1,10 @@
 """Section 3: the data path, against what the training step consumes.
 
-- Loader: images per second drawn by :meth:`MixedBatchSampler.epoch` (the loop's only
-  loader: in-memory slices, indexed per batch), against the images per second the
-  platform's supervised step (the fastest consumer) and mean-teacher step consume,
-  interleaved in the same rounds. Target: the loader at least 5× faster.
+- Loader: images per second drawn by :meth:`MixedBatchSampler.epoch` from in-memory
+  slices, and with the unlabelled half streamed from the Parquet cache through the shuffle
+  buffer (``data.loader=stream``, :mod:`semiseg.data.stream`), against the images per
+  second the platform's supervised step (the fastest consumer) and mean-teacher step
+  consume, interleaved in the same rounds. Target: each loader at least 5× faster.
 - Preprocessing: cases per second of :func:`build_cache` on a generated phantom into a
   fresh cache root each time (load, orient, normalise, write Parquet), with and without
   resampling; then reading it back (:meth:`CachedDataset.iter_slices`, rows/s) and a
@@ -86,6 +87,7 @@ def _loader(section: Section, settings: DataSettings, workdir: Path) -> None:
     data = phantom_data(shape, workdir)
     variants = {
         "loader": LoaderEpoch(data, shape, settings.loader_batches),
+        "loader/stream": LoaderEpoch(phantom_data(shape, workdir, loader="stream"), shape, settings.loader_batches),
         "step/supervised": PlatformStep(experiment_config(shape, "supervised", settings.steps, augment=True), data,
                                         draw_batches(data, shape, settings.steps, semi=False)),
         "step/mean_teacher": PlatformStep(experiment_config(shape, "mean_teacher", settings.steps, augment=True),
@@ -94,14 +96,21 @@ def _loader(section: Section, settings: DataSettings, workdir: Path) -> None:
     timings = interleaved(variants, settings.min_repeats, settings.max_repeats, settings.budget_s)
     section.figures["loader samples/s"] = rate_figure(timings, "loader", settings.loader_batches * shape.batch,
                                                       "samples/s", "MixedBatchSampler.epoch, half labelled")
+    section.figures["streamed loader samples/s"] = rate_figure(
+        timings, "loader/stream", settings.loader_batches * shape.batch, "samples/s",
+        "the unlabelled half streamed from Parquet through a 256-slice shuffle buffer")
     for method in ("supervised", "mean_teacher"):
         section.figures[f"{method} step samples/s"] = rate_figure(
             timings, f"step/{method}", settings.steps * shape.batch, "samples/s",
             "images the platform's step consumes (default augmentation)")
         section.add_ratio(f"loader / {method} step", "loader samples/s", f"{method} step samples/s",
                           "how many times faster the loader draws images than the step consumes them")
+        section.add_ratio(f"streamed loader / {method} step", "streamed loader samples/s",
+                          f"{method} step samples/s", "the same with the unlabelled pool streamed")
     section.checks.append(Check("loader vs supervised step (fastest consumer)",
                                 section.ratios["loader / supervised step"]["value"], LOADER_VS_STEP, ">="))
+    section.checks.append(Check("streamed loader vs supervised step",
+                                section.ratios["streamed loader / supervised step"]["value"], LOADER_VS_STEP, ">="))
     section.notes.append(f"Loader and steps on {shape.describe()}; {timings.rounds} interleaved rounds.")
 
 

@@ -75,19 +75,21 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def phantom_data(shape: StepShape, workdir: Path) -> PreparedData:
-    """Generate (or reuse) a phantom under ``workdir`` and prepare its 2D split through the cache."""
+def phantom_data(shape: StepShape, workdir: Path, loader: str = "memory") -> PreparedData:
+    """Generate (or reuse) a phantom under ``workdir`` and prepare its 2D split through the cache
+    (``loader="stream"``: the unlabelled slices stream from it)."""
     root = workdir / f"phantom-{shape.image}x{shape.image}x{shape.slices}-{shape.cases}"
     layout = generate_phantom(root, num_training=shape.cases, num_test=0,
                               shape=(shape.image, shape.image, shape.slices), seed=0)
     return prepare_split(layout, num_labelled=4, num_validation=1, num_test=1, split_seed=0, dims=2,
-                         cache_root=workdir / "prepared")
+                         cache_root=workdir / "prepared", loader=loader)
 
 
 def sampler(data: PreparedData, labelled: int, unlabelled: int, seed: int = 0) -> MixedBatchSampler:
     """The loop's batch sampler over the prepared training slices."""
     return MixedBatchSampler(data.labelled_images, data.labelled_labels, data.unlabelled_images,
-                             labelled_per_batch=labelled, unlabelled_per_batch=unlabelled, seed=seed)
+                             labelled_per_batch=labelled, unlabelled_per_batch=unlabelled, seed=seed,
+                             unlabelled_stream=data.unlabelled_stream)
 
 
 def draw_batches(data: PreparedData, shape: StepShape, count: int, semi: bool) -> list[dict[str, torch.Tensor]]:

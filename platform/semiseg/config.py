@@ -36,6 +36,10 @@ class DataConfig:
     ``normalisation`` ``zscore``/``zscore_nonzero``/``ct`` with ``ct_window`` ``"lo,hi"``,
     ``crop_to_body``, interpolation ``image_order`` 1 or 3) runs once per dataset and
     settings into a Parquet cache under ``prepared_cache`` (default: the cache folder).
+    ``loader``: ``memory`` loads the split into memory; ``stream`` keeps the (few) labelled
+    samples in memory and streams the unlabelled ones from the cache through a shuffle
+    buffer of ``stream_buffer_rows`` samples per worker, reading evaluation cases one at a
+    time; ``auto`` streams when the unlabelled samples exceed ``memory_budget_mb``.
     """
 
     dataset: str = "phantom"
@@ -57,6 +61,9 @@ class DataConfig:
     crop_to_body: bool = False
     image_order: int = 1
     prepared_cache: str = ""
+    loader: str = "auto"
+    memory_budget_mb: float = 2048.0
+    stream_buffer_rows: int = 256
 
 
 @dataclass

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from semiseg.data.patches import PatchSampler
+from semiseg.data.stream import StreamSpec
 
 
 def rank_indices(count: int, rank: int, world_size: int) -> np.ndarray:
@@ -28,7 +29,9 @@ class MixedBatchSampler:
     Sampling is with replacement from this rank's part of each pool, from a generator
     seeded by ``(seed, rank, epoch)`` so a resumed epoch draws the same batches. With
     ``patch_size`` (3D), each sample is a random patch of a volume, a ``foreground_fraction``
-    of the labelled ones centred on foreground (nnU-Net's oversampling).
+    of the labelled ones centred on foreground (nnU-Net's oversampling). With
+    ``unlabelled_stream`` the unlabelled samples come from this rank's
+    :class:`semiseg.data.stream.StreamedPool` instead of ``unlabelled_images``.
     """
 
     labelled_images: np.ndarray
@@ -41,10 +44,13 @@ class MixedBatchSampler:
     seed: int = 0
     patch_size: tuple[int, int, int] | None = None
     foreground_fraction: float = 0.33
+    unlabelled_stream: StreamSpec | None = None
 
     def __post_init__(self) -> None:
         if len(self.labelled_images) == 0:
             raise ValueError("no labelled samples to train on")
+        self._pool = (self.unlabelled_stream.open(self.rank, self.world_size, self.seed)
+                      if self.unlabelled_stream is not None and self.unlabelled_per_batch > 0 else None)
         self._labelled = rank_indices(len(self.labelled_images), self.rank, self.world_size)
         self._unlabelled = rank_indices(len(self.unlabelled_images), self.rank, self.world_size)
         if self.patch_size is not None:
@@ -60,6 +66,8 @@ class MixedBatchSampler:
     def epoch(self, epoch: int, steps: int, device: torch.device | str = "cpu"):
         """Yield ``steps`` batches for ``epoch`` as dicts ``image_l``, ``label_l`` (and ``image_u``)."""
         rng = np.random.default_rng([self.seed, self.rank, epoch])
+        if self._pool is not None:
+            self._pool.start_epoch(epoch)
         pin = torch.device(device).type == "cuda"
         for _ in range(steps):
             batch = self._patch_batch(rng) if self.patch_size is not None else self._sample_batch(rng)
@@ -68,7 +76,9 @@ class MixedBatchSampler:
     def _sample_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         idx_l = torch.from_numpy(rng.choice(self._labelled, self.labelled_per_batch))
         batch = {"image_l": self._labelled_t[idx_l], "label_l": self._labels_t[idx_l]}
-        if self.unlabelled_per_batch > 0 and len(self._unlabelled) > 0:
+        if self._pool is not None:
+            batch["image_u"] = torch.from_numpy(self._pool.draw(self.unlabelled_per_batch))
+        elif self.unlabelled_per_batch > 0 and len(self._unlabelled) > 0:
             idx_u = torch.from_numpy(rng.choice(self._unlabelled, self.unlabelled_per_batch))
             batch["image_u"] = self._unlabelled_t[idx_u]
         return batch
@@ -76,7 +86,11 @@ class MixedBatchSampler:
     def _patch_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         images, labels = self._patches_l.sample(self.labelled_per_batch, rng, self.foreground_fraction)
         batch = {"image_l": torch.from_numpy(images), "label_l": torch.from_numpy(labels).long()}
-        if self.unlabelled_per_batch > 0 and self._patches_u is not None:
+        if self._pool is not None:
+            volumes = self._pool.draw(self.unlabelled_per_batch)
+            images_u, _ = PatchSampler(list(volumes), None, self.patch_size).sample(len(volumes), rng, 0.0)
+            batch["image_u"] = torch.from_numpy(images_u)
+        elif self.unlabelled_per_batch > 0 and self._patches_u is not None:
             images_u, _ = self._patches_u.sample(self.unlabelled_per_batch, rng, 0.0)
             batch["image_u"] = torch.from_numpy(images_u)
         return batch

@@ -26,6 +26,9 @@ from semiseg.data.errors import DatasetError
 from semiseg.data.layout import DatasetLayout, load_case, read_dataset
 from semiseg.data.preprocess import PreprocessedCase, PreprocessSettings, normalise, preprocess_case
 from semiseg.data.splits import Split, make_split
+from semiseg.data.stream import LazyCases, StreamSpec, unlabelled_bytes
+
+LOADERS = ("auto", "memory", "stream")
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,9 @@ class PreparedData:
     Attributes:
         labelled_images: ``[N, C, *spatial]`` float32 training samples with labels.
         labelled_labels: ``[N, *spatial]`` int64.
-        unlabelled_images: ``[M, C, *spatial]`` float32 (labels hidden or absent).
-        validation, test: whole cases for evaluation.
+        unlabelled_images: ``[M, C, *spatial]`` float32 (labels hidden or absent); empty
+            when ``unlabelled_stream`` is set.
+        validation, test: whole cases for evaluation (read one at a time when streaming).
         class_ids: label values including background (0).
         in_channels: image channels.
         split: the case-level split these arrays came from.
@@ -60,6 +64,14 @@ class PreparedData:
     class_ids: tuple[int, ...]
     in_channels: int
     split: Split
+    unlabelled_stream: StreamSpec | None = None
+
+    @property
+    def num_unlabelled(self) -> int:
+        """Unlabelled training samples (slices or volumes), in memory or streamed."""
+        if self.unlabelled_stream is not None:
+            return CachedDataset(self.unlabelled_stream.cache).num_rows(self.unlabelled_stream.case_ids)
+        return len(self.unlabelled_images)
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +101,9 @@ def to_slices(volume: np.ndarray) -> np.ndarray:
 
 def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: int, num_test: int,
                   split_seed: int, dims: int, cache_root: str | Path | None = None,
-                  settings: PreprocessSettings | None = None, progress: Progress | None = None) -> PreparedData:
+                  settings: PreprocessSettings | None = None, progress: Progress | None = None,
+                  loader: str = "memory", memory_budget_mb: float = 2048.0,
+                  stream_buffer_rows: int = 256) -> PreparedData:
     """Split ``layout`` by case and load every role, preprocessed.
 
     Training samples of different in-plane (2D) or volume (3D) shapes are padded
@@ -106,6 +120,12 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
         settings: preprocessing; None is ``PreprocessSettings()`` (canonical
             orientation, no resampling or crop, z-score over all voxels).
         progress: ``progress(done, total, case_id)`` while a cache is built.
+        loader: ``memory`` loads every role; ``stream`` keeps the labelled samples in
+            memory, streams the unlabelled ones from the cache (:mod:`semiseg.data.stream`)
+            and reads evaluation cases one at a time; ``auto`` streams when the unlabelled
+            samples would take more than ``memory_budget_mb``. Streaming needs ``cache_root``.
+        memory_budget_mb: the ``auto`` threshold.
+        stream_buffer_rows: unlabelled samples held at once per worker when streaming.
 
     Returns:
         The prepared arrays; ``EvalCase.spacing`` is the preprocessed spacing in mm.
@@ -118,11 +138,21 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
     split = make_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=num_labelled,
                        num_validation=num_validation, num_test=num_test, seed=split_seed)
     settings = dataclasses.replace(settings or PreprocessSettings(), dims=dims)
+    if loader not in LOADERS:
+        raise DatasetError.single("data.loader", f"must be one of {', '.join(LOADERS)}, got {loader!r}")
     if cache_root is None:
+        if loader == "stream":
+            raise DatasetError.single("data.loader", "streaming reads the preprocessed cache; give a cache folder")
         def load(case_ids: Sequence[str]) -> list[PreprocessedCase]:
             return [_preprocess_in_memory(layout, case_id, settings) for case_id in case_ids]
+        stream = False
     else:
-        load = CachedDataset(build_cache(layout, settings, Path(cache_root), progress=progress).path).read_cases
+        cache = build_cache(layout, settings, Path(cache_root), progress=progress).path
+        load = CachedDataset(cache).read_cases
+        stream = loader == "stream" or (
+            loader == "auto" and unlabelled_bytes(cache, split.unlabelled) > memory_budget_mb * 1024 ** 2)
+    if stream:
+        return _streamed_split(layout, split, dims, cache, load, stream_buffer_rows)
     labelled = load(split.labelled)
     unlabelled = load(split.unlabelled)
     images = _training_samples([c.image for c in labelled + unlabelled], dims,
@@ -133,6 +163,23 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
                   for role in ("validation", "test")}
     return PreparedData(images[:len(labels_l)], labels_l, images[len(labels_l):], evaluation["validation"],
                         evaluation["test"], tuple(layout.class_ids), layout.num_channels, split)
+
+
+def _streamed_split(layout: DatasetLayout, split: Split, dims: int, cache: Path, load,
+                    buffer_rows: int) -> PreparedData:
+    """Labelled samples in memory, the unlabelled pool streamed, evaluation cases read lazily."""
+    index = CachedDataset(cache)
+    shapes = [index.case_entry(cid)["shape"] for cid in (*split.labelled, *split.unlabelled)]
+    sample_shape = tuple(int(n) for n in np.max([shape[:2] if dims == 2 else shape for shape in shapes], axis=0))
+    labelled = load(split.labelled)
+    images = _training_samples([c.image for c in labelled], dims, [_background(c.image, dims) for c in labelled],
+                               sample_shape)
+    labels = _training_samples([c.label for c in labelled], dims, [0] * len(labelled), sample_shape)
+    empty = np.zeros((0, layout.num_channels, *sample_shape), np.float32)
+    stream = StreamSpec(cache, tuple(split.unlabelled), sample_shape, buffer_rows)
+    return PreparedData(images, labels.astype(np.int64), empty, LazyCases(cache, split.validation, _eval_case),
+                        LazyCases(cache, split.test, _eval_case), tuple(layout.class_ids), layout.num_channels,
+                        split, unlabelled_stream=stream)
 
 
 def _preprocess_in_memory(layout: DatasetLayout, case_id: str, settings: PreprocessSettings) -> PreprocessedCase:

@@ -99,7 +99,9 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
     data = prepare_split(resolve_dataset(cfg.data), num_labelled=cfg.data.num_labelled,
                          num_validation=cfg.data.num_validation, num_test=cfg.data.num_test,
                          split_seed=cfg.data.split_seed, dims=cfg.data.dims,
-                         settings=preprocess_settings(cfg.data), cache_root=prepared_cache_root(cfg.data))
+                         settings=preprocess_settings(cfg.data), cache_root=prepared_cache_root(cfg.data),
+                         loader=cfg.data.loader, memory_budget_mb=cfg.data.memory_budget_mb,
+                         stream_buffer_rows=cfg.data.stream_buffer_rows)
     method = build_method(cfg.method["name"], _build_context(cfg, data, device), cfg.method)
     memory_format = _memory_format(cfg)
     if memory_format is not None:
@@ -122,7 +124,8 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
                                 unlabelled_per_batch=(cfg.train.batch_size - cfg.train.labelled_per_batch
                                                       if method.uses_unlabelled else 0),
                                 rank=session.rank, world_size=session.world_size, seed=cfg.train.seed,
-                                patch_size=_patch_size(cfg), foreground_fraction=cfg.train.foreground_fraction)
+                                patch_size=_patch_size(cfg), foreground_fraction=cfg.train.foreground_fraction,
+                                unlabelled_stream=data.unlabelled_stream)
     while state.epoch < cfg.train.max_epochs and not state.diverged:
         metrics = _train_epoch(cfg, method, optimizers, scaler, sampler, state, device,
                                _GradientSync(manual_sync, session.world_size))
