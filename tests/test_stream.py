@@ -146,3 +146,14 @@ def test_training_loop_streams_and_resumes_exactly(tiny_config, tmp_path):
     assert streamed.reports[-1]["val/dice"] == pytest.approx(again.reports[-1]["val/dice"])
     assert 0.0 <= streamed.reports[-1]["test/dice"] <= 1.0
     assert streamed.reports[0]["train/loss"] != memory.reports[0]["train/loss"], "the stream drew other batches"
+
+
+def test_3d_patches_are_cut_from_streamed_volumes(dataset, tmp_path):
+    split = {**SPLIT, "dims": 3}
+    data = prepare_split(dataset, cache_root=tmp_path / "cache", loader="stream", stream_buffer_rows=3, **split)
+    assert data.unlabelled_stream.sample_shape == (8, 8, max(DEPTHS)), "volumes padded to the largest"
+    sampler = MixedBatchSampler(data.labelled_images, data.labelled_labels, data.unlabelled_images, 1, 2,
+                                patch_size=(4, 4, 2), unlabelled_stream=data.unlabelled_stream)
+    (batch,) = list(sampler.epoch(0, steps=1))
+    assert batch["image_u"].shape == (2, 1, 4, 4, 2) and batch["image_l"].shape == (1, 1, 4, 4, 2)
+    assert sampler._pool.peak_rows == 3
