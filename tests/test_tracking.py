@@ -76,3 +76,26 @@ def test_tracker_pickles_without_its_client(tmp_path):
     tracker.experiment_id("s")
     copy = pickle.loads(pickle.dumps(tracker))
     assert copy._client is None and copy.experiment_id("s") == tracker.experiment_id("s")
+
+
+def test_runs_of_trials_the_experiment_lost_are_closed_as_orphaned(tmp_path):
+    from types import SimpleNamespace
+
+    from semiseg.tracking import trial_tags
+    from semiseg.tune.callbacks import MlflowTrialCallback
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", artifact_root=tmp_path / "artifacts")
+    experiment = tracker.experiment_id("study")
+    parent = tracker.start_run(experiment, "study", {"semiseg.role": "study"})
+    runs = {trial: tracker.start_run(experiment, f"search-{trial}",
+                                     trial_tags("study", "mean_teacher", trial, "search", parent, "phantom"))
+            for trial in ("kept", "lost", "done")}
+    tracker.end_run(runs["done"], "FINISHED")
+    other_phase = tracker.start_run(experiment, "final-x", trial_tags("study", "mt", "x", "final", parent, "p"))
+    callback = MlflowTrialCallback(tracker, experiment, parent, "study", "search", "phantom", max_epochs=3)
+    callback.on_experiment_end(trials=[SimpleNamespace(trial_id="kept")])
+    status = {trial: tracker.client.get_run(run_id) for trial, run_id in runs.items()}
+    assert status["lost"].info.status == "KILLED" and status["lost"].data.tags["semiseg.status"] == "orphaned"
+    assert status["kept"].info.status == "RUNNING" and "semiseg.status" not in status["kept"].data.tags
+    assert status["done"].info.status == "FINISHED", "a finished run of a lost trial keeps its status"
+    assert tracker.client.get_run(other_phase).info.status == "RUNNING", "other phases are not touched"

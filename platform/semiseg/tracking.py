@@ -43,6 +43,7 @@ TAG_ROLE = "semiseg.role"
 TAG_PHASE = "semiseg.phase"
 TAG_TRIAL_ID = "semiseg.trial_id"
 TAG_STATUS = "semiseg.status"
+STATUS_ORPHANED = "orphaned"
 TAG_DATASET = "semiseg.dataset"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_OPTUNA_STORAGE = "semiseg.optuna_storage"
@@ -166,6 +167,14 @@ class Tracker:
             return runs[0].info.run_id if runs else None
 
         return self._guard("search runs", search)
+
+    def find_runs(self, experiment_id: str, tags: Mapping[str, str]) -> list[Any]:
+        """Every run carrying all ``tags`` (MLflow ``Run`` objects; empty when unreachable)."""
+        def search() -> list[Any]:
+            query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+            return list(self.client.search_runs([experiment_id], filter_string=query, max_results=5000))
+
+        return self._guard("search runs", search) or []
 
     def start_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str | None:
         """Create a run and return its id."""

@@ -131,6 +131,9 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     assert len(parents) == 1, "the resumed study continues its parent run"
     trial_ids = [c.data.tags["semiseg.trial_id"] for c in children]
     assert len(trial_ids) == len(set(trial_ids)), "no duplicate child runs"
+    orphans = [c for c in children if c.data.tags.get("semiseg.status") == "orphaned"]
+    assert all(c.info.status == "KILLED" for c in orphans), "a run of a trial Tune lost with the driver is closed"
+    children = [c for c in children if c not in orphans]
     searched = [c for c in children if c.data.tags["semiseg.phase"].startswith("search")]
     assert len(searched) == 3
     assert all(c.info.status == "FINISHED" for c in children), [(c.info.run_name, c.info.status) for c in children]

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import unquote, urlparse
 
 from semiseg.tracking import (METRIC_EPOCH, METRIC_VAL_DICE, METRIC_VAL_DICE_BEST, ROLE_STUDY, ROLE_TRIAL,
-                              TAG_METHOD, TAG_PARENT, TAG_PHASE, TAG_ROLE, TAG_STATUS, TAG_TRIAL_ID)
+                              STATUS_ORPHANED, TAG_METHOD, TAG_PARENT, TAG_PHASE, TAG_ROLE, TAG_STATUS, TAG_TRIAL_ID)
 
 RESULTS_ARTIFACT = "results.json"
 TAG_OPTUNA_STORAGE = "semiseg.optuna_storage"
@@ -232,7 +232,8 @@ class ReportStore:
         runs = self._search_all(experiment.experiment_id)
         parents = sorted((r for r in runs if r.data.tags.get(TAG_ROLE) == ROLE_STUDY),
                          key=lambda r: r.info.start_time or 0, reverse=True)
-        children = [r for r in runs if r.data.tags.get(TAG_ROLE) == ROLE_TRIAL]
+        children = [r for r in runs if r.data.tags.get(TAG_ROLE) == ROLE_TRIAL
+                    and r.data.tags.get(TAG_STATUS) != STATUS_ORPHANED]
         if not parents and not children:
             raise StudyNotFoundError(f"experiment {name!r} in {self.tracking_uri} has no semiseg study runs")
         with_trials = [p for p in parents if any(c.data.tags.get(TAG_PARENT) == p.info.run_id for c in children)]

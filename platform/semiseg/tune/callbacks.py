@@ -9,7 +9,8 @@ from typing import Any
 from ray.tune import Callback
 
 from semiseg.train.loop import OVERLAY_FILE, expand_trial_config
-from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, TAG_STATUS, TAG_TRIAL_ID,
+from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, STATUS_ORPHANED, TAG_PARENT, TAG_PHASE,
+                              TAG_STATUS, TAG_TRIAL_ID,
                               Tracker, flatten_for_params, loggable_metrics, trial_tags)
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,22 @@ class MlflowTrialCallback(Callback):
                     self.tracker.log_file(run_id, overlay)
         except (OSError, RuntimeError) as error:
             log.warning("no overlay for trial %s: %s", trial.trial_id, error)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        """Close this phase's runs of trials the experiment does not hold as KILLED, tagged orphaned.
+
+        A driver killed just after a trial opened its run, before Tune's next experiment
+        checkpoint, leaves a run for a trial that the resumed study never sees (Tune suggests
+        another one in its place). Such a run keeps whatever it logged.
+        """
+        if self.experiment_id is None or self.parent_run_id is None:
+            return
+        known = {trial.trial_id for trial in trials}
+        runs = self.tracker.find_runs(self.experiment_id, {TAG_PARENT: self.parent_run_id, TAG_PHASE: self.phase})
+        for run in runs:
+            if run.data.tags.get(TAG_TRIAL_ID) not in known and run.info.status == "RUNNING":
+                self.tracker.set_tags(run.info.run_id, {TAG_STATUS: STATUS_ORPHANED})
+                self.tracker.end_run(run.info.run_id, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
         """Close the run as FAILED."""

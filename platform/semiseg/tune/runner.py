@@ -266,6 +266,17 @@ class _PhaseContext:
         return MlflowTrialCallback(self.tracker, self.experiment_id, self.parent_run_id, self.study.name, phase,
                                    self.dataset_name, self.max_epochs, resources)
 
+    @property
+    def reuse_actors(self) -> bool:
+        """Single-worker trials run one after another in the same trial processes.
+
+        The loop sets every piece of process state it depends on per trial (seeds, torch
+        threads, the session), so a reused process gives bit-identical results
+        (tests/test_trial_isolation.py); it saves each trial the ~2-3 s of a new process
+        (torch import, data preparation). DDP trials keep fresh drivers.
+        """
+        return self.args.workers_per_trial == 1
+
     def run_config(self, phase: str, space: Any = None):
         from ray import tune
 
@@ -336,7 +347,7 @@ def _run_search(context: _PhaseContext, phase: str, space: Any, phase_base: dict
                            tune_config=tune.TuneConfig(
                                search_alg=ConcurrencyLimiter(searcher, context.max_concurrent(num_samples)),
                                scheduler=scheduler, metric=study.metric, mode=study.mode, num_samples=num_samples,
-                               trial_dirname_creator=trial_dirname),
+                               trial_dirname_creator=trial_dirname, reuse_actors=context.reuse_actors),
                            run_config=context.run_config(phase, space))
         _save_state(context.study_dir, state)
     results = tuner.fit()
@@ -358,7 +369,8 @@ def _run_fixed(context: _PhaseContext, phase: str, variants: list[dict[str, Any]
         tuner = tune.Tuner(context.trainable(), param_space=param_space,
                            tune_config=tune.TuneConfig(max_concurrent_trials=context.max_concurrent(len(variants)),
                                                        metric=context.study.metric, mode=context.study.mode,
-                                                       trial_dirname_creator=trial_dirname),
+                                                       trial_dirname_creator=trial_dirname,
+                                                       reuse_actors=context.reuse_actors),
                            run_config=context.run_config(phase))
     results = tuner.fit()
     return rows_from_results(results, phase, shown_keys, context.max_epochs)
