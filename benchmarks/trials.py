@@ -13,7 +13,8 @@ checkpoint; the last epoch's extra excess is the test evaluation; the trials' wh
 timestamps place the driver's time before the first trial trains and after the last
 report. The loop's own start-up is also measured without Ray, in a fresh interpreter
 (what every new trial process pays) and in a warm one, and the study is re-run with
-Tune's ``reuse_actors=True`` patched into the runner (a candidate optimisation).
+Tune's ``reuse_actors=False`` forced into the runner: a fresh process per trial, what the
+runner did before it reused trial processes (the before/after of that optimisation).
 
 A second study runs one trial as a Ray Train DDP group (``--workers-per-trial 2``); its
 first report's ``time_this_iter_s`` minus that epoch's train + val time is the DDP start-up.
@@ -67,7 +68,7 @@ class TrialSettings:
         ddp_workers: workers of the Ray Train trial (0: skipped).
         ddp_epochs: epochs of the Ray Train trial.
         cold_repeats: fresh-process start-up measurements.
-        reuse_actors_variant: also run the study with Tune's ``reuse_actors=True``.
+        fresh_processes_variant: also run the study with a fresh process per trial.
     """
 
     trials: int = 4
@@ -77,14 +78,14 @@ class TrialSettings:
     ddp_workers: int = 2
     ddp_epochs: int = 2
     cold_repeats: int = 2
-    reuse_actors_variant: bool = True
+    fresh_processes_variant: bool = True
 
     @classmethod
     def quick(cls) -> "TrialSettings":
         """Two trials of three epochs, no variants, no DDP trial."""
         config = {**STUDY_CONFIG, "data.phantom_shape": "32x32x4", "data.phantom_cases": 12,
                   "data.num_validation": 2, "data.num_test": 2, "train.steps_per_epoch": 4, "model.width": 4}
-        return cls(trials=2, epochs=3, config=config, ddp_workers=0, cold_repeats=1, reuse_actors_variant=False)
+        return cls(trials=2, epochs=3, config=config, ddp_workers=0, cold_repeats=1, fresh_processes_variant=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able data."""
@@ -165,7 +166,7 @@ def start_ray(workdir: Path) -> float:
             return 0.0
         ray.shutdown()
     started = time.perf_counter()
-    ray.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=usable_cores(), include_dashboard=True, log_to_driver=False,
              runtime_env={"env_vars": {"SEMISEG_CACHE": os.environ.get("SEMISEG_CACHE", str(workdir / "cache"))}})
     return time.perf_counter() - started
 
@@ -229,8 +230,8 @@ def run(settings: TrialSettings, workdir: Path) -> Section:
     _overhead(section, settings, wall, trials)
     section.extra["timeline (s of wall)"] = _timeline(trials, began, wall)
     _startups(section, settings)
-    if settings.reuse_actors_variant:
-        _reuse_actors(section, settings, workdir, wall)
+    if settings.fresh_processes_variant:
+        _fresh_processes(section, settings, workdir, wall)
     if settings.ddp_workers > 1:
         _ddp(section, settings, workdir)
     section.notes.append(f"Study: {settings.trials} mean_teacher trials x {settings.epochs} epochs, max concurrent "
@@ -262,18 +263,18 @@ def _startups(section: Section, settings: TrialSettings) -> None:
     section.figures["fresh process: run_training start-up"] = Figure(
         "s", [c["startup_s"] for c in cold], "run_training start to first report minus train+val, no Ray")
     section.figures["warm process: run_training start-up"] = Figure(
-        "s", warm, "the same in a process that has run it before (what reused trial actors would pay)")
+        "s", warm, "the same in a process that has run it before (what a reused trial process pays)")
 
 
 @contextlib.contextmanager
-def reuse_actors() -> Iterator[None]:
-    """Make the runner's ``tune.TuneConfig`` default to ``reuse_actors=True`` for the duration of a block."""
+def fresh_trial_processes() -> Iterator[None]:
+    """Force ``reuse_actors=False`` into the runner's ``tune.TuneConfig`` for the duration of a block."""
     from ray import tune
 
     original = tune.TuneConfig
 
     def config(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("reuse_actors", True)
+        kwargs["reuse_actors"] = False
         return original(*args, **kwargs)
 
     tune.TuneConfig = config
@@ -283,16 +284,16 @@ def reuse_actors() -> Iterator[None]:
         tune.TuneConfig = original
 
 
-def _reuse_actors(section: Section, settings: TrialSettings, workdir: Path, baseline_wall: float) -> None:
-    study = _study("bench_trials_reuse", settings, settings.epochs)
-    with reuse_actors():
+def _fresh_processes(section: Section, settings: TrialSettings, workdir: Path, baseline_wall: float) -> None:
+    study = _study("bench_trials_fresh", settings, settings.epochs)
+    with fresh_trial_processes():
         _, wall = timed_study(study, _search_argv(workdir, settings), workdir / "study.log")
     trials = read_trials(workdir / "runs" / "ray", study.name)
-    section.figures["study wall, reuse_actors=True"] = Figure(
-        "s", [wall], "the same study with Tune's reuse_actors (patched into the runner for this run only)")
-    section.figures["trial start-up, reuse_actors=True"] = Figure(
-        "s", [t.startup() for t in trials], "first epoch's time beyond train+val with reused trial processes")
-    section.extra["study wall: reuse_actors / default"] = wall / baseline_wall
+    section.figures["study wall, reuse_actors=False"] = Figure(
+        "s", [wall], "the same study with a fresh process per trial (the runner before it reused them)")
+    section.figures["trial start-up, reuse_actors=False"] = Figure(
+        "s", [t.startup() for t in trials], "first epoch's time beyond train+val in fresh trial processes")
+    section.extra["study wall: reused / fresh trial processes"] = baseline_wall / wall
 
 
 def _overhead(section: Section, settings: TrialSettings, wall: float, trials: list[TrialTimes]) -> None:
