@@ -225,7 +225,11 @@ def _config_for_method(base: dict[str, Any], method: str) -> dict[str, Any]:
 
 def _final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], final_seeds: int,
                     args: StudyArgs) -> list[dict[str, Any]]:
-    """Configurations of the final phase: each search's top-k and every baseline, per seed."""
+    """Configurations of the final phase: each search's top-k and every baseline, per seed.
+
+    A baseline equal to a searched best (e.g. a protocol with the default value the search
+    found best) runs once: a repeated identical trial would count twice in the mean.
+    """
     configs: list[dict[str, Any]] = []
     if final_seeds > 0:
         for phase in sorted({r.phase for r in rows}):
@@ -238,8 +242,13 @@ def _final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], fi
             method = str(baseline.get("method.name", base["method.name"]))
             configs.append({**_public(_config_for_method(base, method)), **baseline})
     seeds = range(max(1, final_seeds))
-    return [ExperimentConfig.from_flat({**config, "train.seed": args.seed + offset}).to_flat()
-            for config in configs for offset in seeds]
+    variants: list[dict[str, Any]] = []
+    for config in configs:
+        for offset in seeds:
+            variant = ExperimentConfig.from_flat({**config, "train.seed": args.seed + offset}).to_flat()
+            if variant not in variants:
+                variants.append(variant)
+    return variants
 
 
 @dataclass
