@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from benchmarks.common import Check, Figure, Section, usable_cores
+from semiseg.tune.local_ray import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 OVERHEAD_TARGET = 1.2
@@ -166,8 +167,8 @@ def start_ray(workdir: Path) -> float:
             return 0.0
         ray.shutdown()
     started = time.perf_counter()
-    ray.init(num_cpus=usable_cores(), include_dashboard=True, log_to_driver=False,
-             runtime_env={"env_vars": {"SEMISEG_CACHE": os.environ.get("SEMISEG_CACHE", str(workdir / "cache"))}})
+    init_ray(None, num_cpus=usable_cores(), log_to_driver=False,
+             env_vars={"SEMISEG_CACHE": os.environ.get("SEMISEG_CACHE", str(workdir / "cache"))})
     return time.perf_counter() - started
 
 

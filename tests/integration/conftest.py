@@ -21,13 +21,14 @@ def load_study(name: str):
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """A local Ray with 2 CPUs whose workers see the test session's phantom cache."""
+    """A local Ray with 2 CPUs whose workers see the test session's phantom cache (started as studies do)."""
     import ray
+
+    from semiseg.tune.local_ray import init_ray
 
     cache = tmp_path_factory.mktemp("ray-phantom-cache")
     os.environ["SEMISEG_CACHE"] = str(cache)
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
-             runtime_env={"env_vars": {"SEMISEG_CACHE": str(cache)}})
+    init_ray(None, num_cpus=2, log_to_driver=False, env_vars={"SEMISEG_CACHE": str(cache)})
     yield ray
     ray.shutdown()
 

@@ -17,7 +17,8 @@ def free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def init_ray(address: str | None) -> str | None:
+def init_ray(address: str | None, *, num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
+             log_to_driver: bool = True) -> str | None:
     """Connect to ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``), or start a local Ray.
 
     A local Ray is started so that its own processes can find it even when other Ray instances
@@ -30,6 +31,12 @@ def init_ray(address: str | None) -> str | None:
       that Tune stopped (ASHA at the last epoch) never has its worker group's placement group
       freed, and the next DDP trial waits for workers forever (Ray #54305).
 
+    Args:
+        address: a cluster's address, or None.
+        num_cpus: CPUs of a local Ray (default: the machine's).
+        env_vars: extra environment of a local Ray's workers.
+        log_to_driver: forward the workers' output to this process.
+
     Returns:
         The dashboard's URL, or None when the cluster has none.
     """
@@ -40,16 +47,16 @@ def init_ray(address: str | None) -> str | None:
     address = address or os.environ.get("RAY_ADDRESS")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if address:
-        context = ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=log_to_driver)
         return _dashboard_url(context)
     node_ip = get_node_ip_address()
     port = free_port(node_ip)
     previous = os.environ.get(GCS_PORT_VARIABLE)
     os.environ[GCS_PORT_VARIABLE] = str(port)
     try:
-        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 configure_logging=True, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{node_ip}:{port}"}})
+        context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           log_to_driver=log_to_driver, configure_logging=True, logging_level=logging.WARNING,
+                           runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"{node_ip}:{port}"}})
     finally:
         if previous is None:
             os.environ.pop(GCS_PORT_VARIABLE, None)
