@@ -42,7 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "cluster.md"
 TINY = ["--smoke", "--set", "data.phantom_shape=32x32x4", "--set", "data.phantom_cases=12",
         "--set", "data.num_validation=2", "--set", "data.num_test=2", "--set", "model.width=4"]
-START_TIMEOUT_S = 180
 CLI_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 720
 STOP_TIMEOUT_S = 60
@@ -201,14 +200,10 @@ def token_cluster(tmp_path_factory) -> Iterator[TokenCluster]:
     cluster = TokenCluster(address=f"http://127.0.0.1:{dashboard_port}", token=token, token_file=token_file,
                            temp_dir=root / "t", home=home, log=log)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             assert process.poll() is None, f"`ray start` exited with {process.returncode}:\n{cluster.log_tail()}"
-            probe = cluster.cli(["job", "list", "--address", cluster.address])
-            if probe.returncode == 0:
+            if cluster.cli(["job", "list", "--address", cluster.address]).returncode == 0:
                 break
-            assert time.monotonic() < deadline, (f"the job API did not answer within {START_TIMEOUT_S}s:\n"
-                                                 f"{probe.stderr[-2000:]}\n{cluster.log_tail()}")
             time.sleep(POLL_S)
         yield cluster
     finally:
