@@ -160,21 +160,15 @@ class Tracker:
 
     def find_run(self, experiment_id: str, tags: Mapping[str, str]) -> str | None:
         """Id of the newest run carrying all ``tags``, or None."""
-        def search() -> str | None:
-            query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-            runs = self.client.search_runs([experiment_id], filter_string=query, max_results=1,
-                                           order_by=["attributes.start_time DESC"])
-            return runs[0].info.run_id if runs else None
+        runs = self.find_runs(experiment_id, tags, newest_only=True)
+        return runs[0].info.run_id if runs else None
 
-        return self._guard("search runs", search)
-
-    def find_runs(self, experiment_id: str, tags: Mapping[str, str]) -> list[Any]:
-        """Every run carrying all ``tags`` (MLflow ``Run`` objects; empty when unreachable)."""
-        def search() -> list[Any]:
-            query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-            return list(self.client.search_runs([experiment_id], filter_string=query, max_results=5000))
-
-        return self._guard("search runs", search) or []
+    def find_runs(self, experiment_id: str, tags: Mapping[str, str], newest_only: bool = False) -> list[Any]:
+        """The runs carrying all ``tags``, newest first (MLflow ``Run`` objects; empty when unreachable)."""
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        return self._guard("search runs", lambda: list(self.client.search_runs(
+            [experiment_id], filter_string=query, max_results=1 if newest_only else 5000,
+            order_by=["attributes.start_time DESC"]))) or []
 
     def start_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str | None:
         """Create a run and return its id."""

@@ -24,6 +24,7 @@ import numpy as np
 from semiseg.data.cache import CachedDataset, Progress, build_cache
 from semiseg.data.errors import DatasetError
 from semiseg.data.layout import DatasetLayout, load_case, read_dataset
+from semiseg.data.padding import channel_minimum, pad_centred
 from semiseg.data.preprocess import PreprocessedCase, PreprocessSettings, normalise, preprocess_case
 from semiseg.data.splits import Split, make_split
 from semiseg.data.stream import LazyCases, StreamSpec, unlabelled_bytes
@@ -147,16 +148,16 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
             return [_preprocess_in_memory(layout, case_id, settings) for case_id in case_ids]
         stream = False
     else:
-        cache = build_cache(layout, settings, Path(cache_root), progress=progress).path
-        load = CachedDataset(cache).read_cases
+        dataset = CachedDataset(build_cache(layout, settings, Path(cache_root), progress=progress).path)
+        load = dataset.read_cases
         stream = loader == "stream" or (
-            loader == "auto" and unlabelled_bytes(cache, split.unlabelled) > memory_budget_mb * 1024 ** 2)
+            loader == "auto" and unlabelled_bytes(dataset, split.unlabelled) > memory_budget_mb * 1024 ** 2)
     if stream:
-        return _streamed_split(layout, split, dims, cache, load, stream_buffer_rows)
+        return _streamed_split(layout, split, dims, dataset, stream_buffer_rows)
     labelled = load(split.labelled)
     unlabelled = load(split.unlabelled)
     images = _training_samples([c.image for c in labelled + unlabelled], dims,
-                               [_background(c.image, dims) for c in labelled + unlabelled])
+                               [channel_minimum(c.image, dims) for c in labelled + unlabelled])
     labels_l = _training_samples([c.label for c in labelled], dims, [0] * len(labelled),
                                  images.shape[2:]).astype(np.int64)
     evaluation = {role: [_eval_case(case) for case in load(getattr(split, role))]
@@ -165,20 +166,19 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
                         evaluation["test"], tuple(layout.class_ids), layout.num_channels, split)
 
 
-def _streamed_split(layout: DatasetLayout, split: Split, dims: int, cache: Path, load,
+def _streamed_split(layout: DatasetLayout, split: Split, dims: int, dataset: CachedDataset,
                     buffer_rows: int) -> PreparedData:
     """Labelled samples in memory, the unlabelled pool streamed, evaluation cases read lazily."""
-    index = CachedDataset(cache)
-    shapes = [index.case_entry(cid)["shape"] for cid in (*split.labelled, *split.unlabelled)]
+    shapes = [dataset.case_entry(cid)["shape"] for cid in (*split.labelled, *split.unlabelled)]
     sample_shape = tuple(int(n) for n in np.max([shape[:2] if dims == 2 else shape for shape in shapes], axis=0))
-    labelled = load(split.labelled)
-    images = _training_samples([c.image for c in labelled], dims, [_background(c.image, dims) for c in labelled],
-                               sample_shape)
+    labelled = dataset.read_cases(split.labelled)
+    images = _training_samples([c.image for c in labelled], dims,
+                               [channel_minimum(c.image, dims) for c in labelled], sample_shape)
     labels = _training_samples([c.label for c in labelled], dims, [0] * len(labelled), sample_shape)
     empty = np.zeros((0, layout.num_channels, *sample_shape), np.float32)
-    stream = StreamSpec(cache, tuple(split.unlabelled), sample_shape, buffer_rows)
-    return PreparedData(images, labels.astype(np.int64), empty, LazyCases(cache, split.validation, _eval_case),
-                        LazyCases(cache, split.test, _eval_case), tuple(layout.class_ids), layout.num_channels,
+    stream = StreamSpec(dataset.path, tuple(split.unlabelled), sample_shape, buffer_rows)
+    return PreparedData(images, labels.astype(np.int64), empty, LazyCases(dataset, split.validation, _eval_case),
+                        LazyCases(dataset, split.test, _eval_case), tuple(layout.class_ids), layout.num_channels,
                         split, unlabelled_stream=stream)
 
 
@@ -191,30 +191,13 @@ def _preprocess_in_memory(layout: DatasetLayout, case_id: str, settings: Preproc
         raise DatasetError.single(case.image_paths[0], f"cannot preprocess case {case_id!r}: {error}") from None
 
 
-def _background(image: np.ndarray, dims: int) -> np.ndarray:
-    """Per-channel minimum of ``image [C, ...]``, shaped to broadcast over one sample's channels."""
-    return image.reshape(image.shape[0], -1).min(axis=1).reshape(-1, *[1] * dims)
-
-
 def _training_samples(volumes: list[np.ndarray], dims: int, fills: list[np.ndarray | int],
                       shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Slices (dims 2) or volumes (dims 3) of every volume, padded to ``shape`` (default: the largest)."""
     samples = [to_slices(v) for v in volumes] if dims == 2 else [v[None] for v in volumes]
     if shape is None:
         shape = tuple(int(n) for n in np.max([s.shape[-dims:] for s in samples], axis=0))
-    return np.concatenate([_pad(s, shape, fill) for s, fill in zip(samples, fills)])
-
-
-def _pad(samples: np.ndarray, shape: tuple[int, ...], fill: np.ndarray | int) -> np.ndarray:
-    """Pad the last ``len(shape)`` axes of ``samples`` to ``shape``, centred, with ``fill``."""
-    extra = [target - have for target, have in zip(shape, samples.shape[-len(shape):])]
-    if not any(extra):
-        return samples
-    out = np.empty((*samples.shape[:-len(shape)], *shape), samples.dtype)
-    out[...] = fill
-    index = tuple(slice(e // 2, e // 2 + have) for e, have in zip(extra, samples.shape[-len(shape):]))
-    out[(Ellipsis, *index)] = samples
-    return out
+    return np.concatenate([pad_centred(s, shape, fill) for s, fill in zip(samples, fills)])
 
 
 def _eval_case(case: PreprocessedCase) -> EvalCase:

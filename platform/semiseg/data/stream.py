@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from semiseg.data.cache import CachedDataset, CachedRow
+from semiseg.data.padding import channel_minimum, pad_centred
 
 
 @dataclass(frozen=True)
@@ -135,14 +136,14 @@ class LazyCases(Sequence):
     """Evaluation cases read from the cache one at a time, when indexed (a slice stays lazy).
 
     Args:
-        cache: the cache folder.
+        dataset: the opened cache.
         case_ids: the cases, in order.
         to_case: turns a :class:`semiseg.data.preprocess.PreprocessedCase` into the
             evaluation case the loop uses.
     """
 
-    def __init__(self, cache: str | Path, case_ids: Sequence[str], to_case) -> None:
-        self.dataset = CachedDataset(cache)
+    def __init__(self, dataset: CachedDataset, case_ids: Sequence[str], to_case) -> None:
+        self.dataset = dataset
         self.case_ids = tuple(case_ids)
         self._to_case = to_case
 
@@ -151,28 +152,18 @@ class LazyCases(Sequence):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return LazyCases(self.dataset.path, self.case_ids[index], self._to_case)
+            return LazyCases(self.dataset, self.case_ids[index], self._to_case)
         (case,) = self.dataset.read_cases([self.case_ids[index]])
         return self._to_case(case)
 
 
 def pad_sample(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Pad ``image [C, *spatial]`` to ``shape``, centred, with each channel's minimum."""
-    extra = [target - have for target, have in zip(shape, image.shape[1:])]
-    if any(e < 0 for e in extra):
-        raise ValueError(f"sample {image.shape[1:]} is larger than the training shape {shape}")
-    if not any(extra):
-        return np.ascontiguousarray(image, dtype=np.float32)
-    out = np.empty((image.shape[0], *shape), np.float32)
-    out[...] = image.reshape(image.shape[0], -1).min(axis=1).reshape(-1, *[1] * len(shape))
-    index = tuple(slice(e // 2, e // 2 + have) for e, have in zip(extra, image.shape[1:]))
-    out[(slice(None), *index)] = image
-    return out
+    return pad_centred(image, shape, channel_minimum(image, len(shape)))
 
 
-def unlabelled_bytes(cache: str | Path, case_ids: Sequence[str]) -> int:
-    """Bytes the unlabelled cases take as float32 training arrays (from the cache's index)."""
-    dataset = CachedDataset(cache)
+def unlabelled_bytes(dataset: CachedDataset, case_ids: Sequence[str]) -> int:
+    """Bytes the cases take as float32 training arrays (from the cache's index; nothing is read)."""
     total = 0
     for case_id in case_ids:
         entry = dataset.case_entry(case_id)
