@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Sequence
-
+from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,27 @@ def best_rows_by_method(rows: Sequence[TrialRow]) -> dict[str, TrialRow]:
         if current is None or key > (current.phase == "final", current.best_val_dice):
             best[row.method] = row
     return best
+
+
+SERVING_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "cloudpickle")
+"""What a pickled network needs to be served by ``mlflow.pyfunc``; ``semiseg`` travels as code."""
+
+
+def serving_requirements() -> list[str]:
+    """Pinned pip requirements of a logged model, from the installed versions.
+
+    Given explicitly so that MLflow does not infer them: its inference imports the model
+    in a subprocess, which cost about 6 s per logged model (0.3 s with this list), and it
+    listed ``semiseg`` itself, which is not installable from an index.
+    """
+    pins = []
+    for package in SERVING_PACKAGES:
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{package}=={version.split('+')[0]}")
+    return pins
 
 
 def load_best_model(row: TrialRow) -> tuple[torch.nn.Module, np.ndarray]:
@@ -93,6 +114,7 @@ def register_best_models(rows: Sequence[TrialRow], tracker: Tracker, experiment_
             with mlflow.start_run(run_id=run_id):
                 mlflow.pytorch.log_model(network, name="model", registered_model_name=name,
                                          serialization_format="pickle", input_example=example,
+                                         pip_requirements=serving_requirements(),
                                          code_paths=[str(Path(semiseg.__file__).parent)])
             registered.append(name)
         except Exception as error:  # noqa: BLE001 - the registry is a convenience, never a failure
