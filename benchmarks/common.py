@@ -33,6 +33,20 @@ class Figure:
     help: str = ""
     cpu_samples: list[float] | None = None
 
+    @property
+    def higher_is_better(self) -> bool:
+        """Rates (``…/s``) are better high; durations and other quantities are better low."""
+        return self.unit.endswith("/s")
+
+    @property
+    def best(self) -> float:
+        """The least disturbed sample: the highest rate or the shortest duration.
+
+        On a shared machine other tenants only ever slow a measurement down, so the best
+        round is the closest to the code's own cost (the reasoning of Python's ``timeit``).
+        """
+        return max(self.samples) if self.higher_is_better else min(self.samples)
+
     def to_dict(self) -> dict[str, Any]:
         """Median, range and the raw samples (and the same figure from process CPU time, if kept)."""
         record = {"unit": self.unit, "median": median(self.samples), "min": min(self.samples),
@@ -80,9 +94,11 @@ class Section:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def add_ratio(self, name: str, numerator: str, denominator: str, help: str = "") -> float:
-        """Record ``median(numerator) / median(denominator)`` and the per-round ratios; return the former."""
+        """Record ``median(numerator) / median(denominator)``, the ratio of the best rounds and the
+        per-round ratios; return the ratio of medians."""
         top, bottom = self.figures[numerator], self.figures[denominator]
         record = ratio(top.samples, bottom.samples)
+        record["best_value"] = top.best / bottom.best
         record.update({"numerator": numerator, "denominator": denominator, "help": help})
         if top.cpu_samples and bottom.cpu_samples:
             record["cpu_value"] = median(top.cpu_samples) / median(bottom.cpu_samples)

@@ -88,11 +88,12 @@ def _figures(figures: Mapping[str, Any]) -> list[str]:
 def _ratios(ratios: Mapping[str, Any]) -> list[str]:
     if not ratios:
         return []
-    lines = ["| ratio | value (of medians) | per round: median (min–max) | from CPU time | what |",
-             "|---|---|---|---|---|"]
+    lines = ["| ratio | value (of medians) | of best rounds | per round: median (min–max) | from CPU time | what |",
+             "|---|---|---|---|---|---|"]
     for name, record in ratios.items():
         rounds = record["per_round"]
-        lines.append(f"| {cell(name)} | {number(record['value'])} | {number(rounds['median'])} "
+        lines.append(f"| {cell(name)} | {number(record['value'])} | {number(record.get('best_value'))} | "
+                     f"{number(rounds['median'])} "
                      f"({number(rounds['min'])}–{number(rounds['max'])}) | {number(record.get('cpu_value'))} | "
                      f"{cell(record.get('help', ''))} |")
     return lines + [""]
