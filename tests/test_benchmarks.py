@@ -58,8 +58,7 @@ def data_run(tmp_path_factory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench-out")
     work = tmp_path_factory.mktemp("bench-work")
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", "data",
-                    "--out", str(out), "--workdir", str(work)], cwd=REPO, check=True, capture_output=True, text=True,
-                   timeout=600)
+                    "--out", str(out), "--workdir", str(work)], cwd=REPO, check=True, capture_output=True, text=True)
     (json_path,) = [p for p in out.glob("*.json")]
     return json.loads(json_path.read_text()), (out / "latest.md").read_text()
 

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run_study(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "studies" / "ema_sweep.py"), "--storage-path",
-                           str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "runs"), *args], capture_output=True, text=True)
 
 
 def test_missing_dataset_folder(tmp_path):
@@ -74,6 +74,6 @@ def test_methods_option_restricts_a_multi_method_study():
 def test_unknown_method_in_methods_option_exits_2(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "studies" / "method_comparison.py"), "--storage-path",
                              str(tmp_path / "runs"), "--methods", "mean_teacher,nope"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "nope not in study 'method_comparison'" in result.stderr
     assert "Traceback" not in result.stderr

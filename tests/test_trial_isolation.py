@@ -25,7 +25,7 @@ print(json.dumps([[r["train/loss"], r["val/dice"], r["test/dice"] if "test/dice"
 
 def _reports_of_last(configs: list[dict], cache: Path) -> list:
     done = subprocess.run([sys.executable, "-c", RUN, json.dumps(configs)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "SEMISEG_CACHE": str(cache)}, cwd=REPO)
+                          env={**os.environ, "SEMISEG_CACHE": str(cache)}, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

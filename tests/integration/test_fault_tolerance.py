@@ -77,15 +77,14 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(ray_local, mlfl
         study, ["--storage-path", str(tmp_path), "--tracking-uri", mlflow_store, "--max-concurrent", "1"])))
     thread.start()
     killed = False
-    deadline = time.monotonic() + 300
-    while thread.is_alive() and time.monotonic() < deadline and not killed:
+    while thread.is_alive() and not killed:
         checkpoints = list((tmp_path / "ray").glob("worker_kill-final/trial_*/checkpoint_00000[1-9]"))
         pid = _reporting_trial_pid(checkpoints[0].parent) if checkpoints else None
         if pid:
             os.kill(pid, signal.SIGKILL)
             killed = True
         time.sleep(0.2)
-    thread.join(timeout=600)
+    thread.join()
     assert killed, "the trial finished before it could be killed"
     (row,) = outcome_box["outcome"].rows
     assert row.status == "completed" and row.epochs == 5
@@ -110,10 +109,9 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     env = {**os.environ, "SEMISEG_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0"}
     first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
     finished_before_kill: set[str] = set()
     try:
-        while first.poll() is None and time.monotonic() < deadline:
+        while first.poll() is None:
             finished_before_kill = {folder.name.removeprefix("trial_")
                                     for folder in (storage / "ray").glob("ema_sweep-search-*/trial_*")
                                     if _last_epoch(folder) == 4}
@@ -125,7 +123,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
         first.wait(timeout=60)
     assert finished_before_kill, "no trial finished before the driver was killed"
 
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     client, parents, children = study_runs(uri, "ema_sweep")
     assert len(parents) == 1, "the resumed study continues its parent run"

@@ -29,8 +29,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--hide-scrollbars"]
-BROWSER_TIMEOUT_S = 120
-SCRIPT_TIMEOUT_S = 600
 SCREENSHOT = REPO / "test-artifacts" / "report.png"
 TINY = ["--smoke", "--set", "data.phantom_shape=32x32x4", "--set", "data.phantom_cases=14",
         "--set", "data.num_validation=2", "--set", "data.num_test=2", "--set", "model.width=4",
@@ -64,9 +62,9 @@ def chromium() -> str:
 
 
 def browse(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Run headless Chromium on ``page`` with a fresh profile, bounded by :data:`BROWSER_TIMEOUT_S`."""
+    """Run headless Chromium on ``page`` with a fresh profile (pytest-timeout bounds a hang)."""
     command = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.resolve().as_uri()]
-    return subprocess.run(command, capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S, check=False)
+    return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
 class PageParser(HTMLParser):
@@ -137,7 +135,7 @@ def report(ray_local, report_store, tmp_path_factory) -> Path:
     out = folder / "report.html"
     done = subprocess.run([sys.executable, str(REPO / "dashboards" / "study_report.py"), "--tracking-uri",
                            report_store, "--study", STUDY.name, "--out", str(out)],
-                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(out.resolve())
     return out
@@ -146,7 +144,7 @@ def report(ray_local, report_store, tmp_path_factory) -> Path:
 def test_unknown_study_exits_2_with_one_line(report: Path, report_store: str, tmp_path: Path):
     done = subprocess.run([sys.executable, str(REPO / "dashboards" / "study_report.py"), "--tracking-uri",
                            report_store, "--study", "no_such_study", "--out", str(tmp_path / "r.html")],
-                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no_such_study" in lines[0], done.stderr
