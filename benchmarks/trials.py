@@ -80,7 +80,7 @@ class TrialSettings:
         trials: searched trials of the study.
         epochs: epochs per trial.
         max_concurrent: trials at once (``--max-concurrent``).
-        config: the trials' configuration (a TINY-like mean teacher).
+        config: the trials' configuration (short real mean-teacher trials; toy-sized in ``quick()``).
         ddp_workers: workers of the Ray Train trial (0: skipped).
         ddp_epochs: epochs of the Ray Train trial.
         ddp_config: the Ray Train trial's configuration (toy-sized: its start-up is the figure).

@@ -103,6 +103,7 @@ def register_best_models(rows: Sequence[TrialRow], tracker: Tracker, experiment_
     import mlflow.pytorch
 
     registered = []
+    requirements = serving_requirements()
     mlflow.set_tracking_uri(tracker.tracking_uri)
     for method, row in sorted(best_rows_by_method(rows).items()):
         run_id = tracker.find_run(experiment_id, {TAG_TRIAL_ID: row.trial_id, TAG_PHASE: row.phase})
@@ -114,7 +115,7 @@ def register_best_models(rows: Sequence[TrialRow], tracker: Tracker, experiment_
             with mlflow.start_run(run_id=run_id):
                 mlflow.pytorch.log_model(network, name="model", registered_model_name=name,
                                          serialization_format="pickle", input_example=example,
-                                         pip_requirements=serving_requirements(),
+                                         pip_requirements=requirements,
                                          code_paths=[str(Path(semiseg.__file__).parent)])
             registered.append(name)
         except Exception as error:  # noqa: BLE001 - the registry is a convenience, never a failure
