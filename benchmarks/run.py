@@ -114,7 +114,7 @@ def selected(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.only:
         return [name for name in SECTIONS if name in args.only], {}
     names = [name for name, spec in SECTIONS.items() if spec.in_quick or not args.quick]
-    skipped = {name: "skipped by --quick (run it with `--only search`, about 6 minutes)"
+    skipped = {name: "skipped by --quick (run it with `--only search`, about 3 minutes)"
                for name in SECTIONS if name not in names}
     return names, skipped
 

@@ -1,29 +1,40 @@
 """Section 6: search efficiency on the phantom, TPE + ASHA against random search and a grid.
 
-Three studies of the mean teacher's EMA decay and consistency weight run through
+Studies of the mean teacher's learning rate and consistency weight run through
 :func:`semiseg.tune.run_study` on a local Ray, at a small scale that fits the time budget:
 
-- grid: every combination of a few decays and weights, each trained for all epochs
-  (the study's fixed-configuration phase, no early stopping);
-- TPE + ASHA: the platform's search (Optuna TPE with a few random start-up trials,
-  ASHA on the reported epoch) with as many trials as the grid has points;
+- grid: 4 learning rates × 6 consistency weights in half-decade steps across the keys'
+  declared ranges, each point trained for all epochs (the study's fixed-configuration
+  phase, no early stopping);
+- TPE + ASHA: the platform's search (Optuna TPE after a few random start-up trials, ASHA
+  on the reported epoch) over the same keys' declared ranges, with half as many trials as
+  the grid has points;
 - random + ASHA: the same with every trial random (TPE's start-up trials = all trials),
   isolating what the TPE model adds.
 
-Every study uses the same split, seed and epochs. From the trials' ``result.json`` files
-each search's best validation Dice so far is traced against the cumulative epochs spent
-(reports ordered by time). Target: TPE + ASHA within one Dice point (0.01) of the grid's
-best using at most 25 % of the grid's epochs. Each search is one draw: asynchronous ASHA
-and TPE's constant liar depend on the order in which results arrive, so even a fixed
-seed does not repeat a search exactly; at this scale the curves are indicative, not a
-ranking of samplers. ASHA cannot spend fewer than ``trials × grace + (max − grace)``
-epochs if one trial is to finish (reported as its floor).
+Why these keys: on 120-step trials the EMA decay is nearly inert (the teacher's warm-up
+min(1 − 1/(step + 1), α) makes every α above 0.992 the same running average), so a grid
+over it measures noise; the learning rate and the consistency weight shape the landscape
+(val Dice 0 to 0.74 across the grid), which is what a search has to find its way through.
+
+Every study uses the same split, seed and epochs; a configuration trains identically in
+every study, so a search that lands on a grid point reproduces the grid's figure. From
+the trials' ``result.json`` files each search's best validation Dice so far is traced
+against the cumulative epochs spent (reports ordered by time). The grid's own curve
+depends on the order it ran in (ascending learning rate, its worst order), so the
+expected curve of the grid in a random order is given beside it. Target: TPE + ASHA
+within one Dice point (0.01) of the grid's best using at most 25 % of the grid's epochs.
+Each search is one draw: asynchronous ASHA and TPE's constant liar depend on the order in
+which results arrive, so even a fixed seed does not repeat a search exactly, hence the
+median over several sampler seeds. ASHA cannot spend fewer than ``trials × grace +
+(max − grace)`` epochs if one trial is to finish (reported as its floor).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +58,10 @@ SEARCH_CONFIG = {
     "model.depth": 2,
     "schedule.rampup_epochs": 2.0,
 }
+SEARCH_GRID = {
+    "optim.lr": (3e-4, 1e-3, 3e-3, 1e-2),
+    "method.consistency": (0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+}
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 
@@ -54,39 +69,50 @@ FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 class SearchSettings:
     """Scale of the search comparison.
 
+    The searched keys are the grid's: the searches draw from the declared ranges of the
+    same keys (``optim.lr`` 1e-4 to 1e-2, the mean teacher's ``consistency`` 0.1 to 30, both
+    log-scaled), which the grid spans in half-decade steps.
+
     Attributes:
         config: the trials' configuration.
         epochs: epochs of a full trial (ASHA's ``max_t``).
-        decays, weights: the grid (``method.ema_decay`` × ``method.consistency``).
+        grid: dotted key → the grid's values; every key must have a declared search range.
+        trials: trials of each TPE or random search.
         tpe_startup: random trials before TPE models the space.
         grace_period, reduction_factor: ASHA's.
         max_concurrent: trials at once.
-        sampler_seeds: seeds of the TPE and random searches (the split and training seed stay 0).
+        tpe_seeds, random_seeds: seeds of the searches (the split and training seed stay 0).
     """
 
     config: dict[str, Any] = field(default_factory=lambda: dict(SEARCH_CONFIG))
     epochs: int = 12
-    decays: tuple[float, ...] = (0.9, 0.99, 0.999)
-    weights: tuple[float, ...] = (0.3, 3.0)
-    tpe_startup: int = 3
-    grace_period: int = 2
+    grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(SEARCH_GRID))
+    trials: int = 12
+    tpe_startup: int = 4
+    grace_period: int = 3
     reduction_factor: int = 3
     max_concurrent: int = 2
-    sampler_seeds: tuple[int, ...] = (0, 1)
+    tpe_seeds: tuple[int, ...] = (0, 1, 2)
+    random_seeds: tuple[int, ...] = (0, 1)
 
     @classmethod
     def quick(cls) -> "SearchSettings":
         """A tiny version (only run when named with ``--only search``)."""
         config = {**SEARCH_CONFIG, "data.phantom_shape": "32x32x4", "data.phantom_cases": 12,
                   "data.num_validation": 2, "data.num_test": 2, "train.steps_per_epoch": 4, "model.width": 4}
-        return cls(config=config, epochs=4, decays=(0.9, 0.999), weights=(1.0,), tpe_startup=1, grace_period=1,
-                   sampler_seeds=(0,))
+        return cls(config=config, epochs=4, grid={"optim.lr": (1e-3, 1e-2), "method.consistency": (1.0,)},
+                   trials=2, tpe_startup=1, grace_period=1, tpe_seeds=(0,), random_seeds=())
 
     @property
-    def grid(self) -> list[dict[str, float]]:
-        """The grid's points as method overrides."""
-        return [{"method.ema_decay": d, "method.consistency": w} for d, w in itertools.product(self.decays,
-                                                                                                self.weights)]
+    def points(self) -> list[dict[str, float]]:
+        """The grid's points as config overrides."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
+
+    @property
+    def search_names(self) -> list[str]:
+        """The grid's keys as a study names them (``consistency`` for ``method.consistency``)."""
+        return [key.removeprefix("method.") for key in self.grid]
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able data."""
@@ -148,15 +174,58 @@ def asha_floor(trials: int, grace_period: int, max_epochs: int) -> int:
     return trials * min(grace_period, max_epochs) + max(0, max_epochs - grace_period)
 
 
+def expected_best_of(values: list[float], draws: int) -> float:
+    """Expected maximum of ``draws`` values drawn without replacement from ``values`` (0 for no draw).
+
+    The i-th smallest of n values is the maximum of a draw of k with probability
+    C(i − 1, k − 1) / C(n, k): what a grid run in a random order reaches after k points.
+    """
+    ordered = sorted(values)
+    draws = min(draws, len(ordered))
+    if draws <= 0:
+        return 0.0
+    return sum(value * math.comb(index, draws - 1) for index, value in enumerate(ordered)) / math.comb(
+        len(ordered), draws)
+
+
+def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """Epochs spent when the best validation Dice first reached ``target`` (None: never)."""
+    return next((spent for spent, dice in curve if dice >= target), None)
+
+
+def trial_points(experiment_root: Path, prefix: str, keys: list[str]) -> dict[str, dict[str, float]]:
+    """Trial folder name → its values of ``keys`` (grid trials keep them under the variant key)."""
+    from semiseg.train.loop import expand_trial_config
+
+    points = {}
+    for path in sorted(experiment_root.glob(f"{prefix}-*/trial_*/params.json")):
+        config = expand_trial_config(json.loads(path.read_text()))
+        points[path.parent.name] = {key: float(config[key]) for key in keys if key in config}
+    return points
+
+
+def landscape(reports: list[Report], points: dict[str, dict[str, float]], grid: dict[str, tuple[float, ...]]
+              ) -> dict[str, Any]:
+    """The grid's best validation Dice per point as a table: first key's values down, second key's across."""
+    (row_key, row_values), (column_key, column_values) = list(grid.items())[:2]
+    best: dict[tuple[float, float], float] = {}
+    for report in reports:
+        point = points.get(report.trial, {})
+        cell = (point.get(row_key), point.get(column_key))
+        best[cell] = max(best.get(cell, 0.0), report.val_dice)
+    return {"columns": [f"{row_key} \\ {column_key}", *[f"{value:g}" for value in column_values]],
+            "rows": [[f"{row:g}", *[best.get((row, column)) for column in column_values]] for row in row_values]}
+
+
 def _study(name: str, settings: SearchSettings, sampler: str) -> Any:
     from semiseg.tune import Study
 
     base = dict(settings.config)
     if sampler == "grid":
-        return Study(name=name, description="benchmark: grid", base=base, baselines=tuple(settings.grid))
-    startup = settings.tpe_startup if sampler == "tpe" else len(settings.grid)
+        return Study(name=name, description="benchmark: grid", base=base, baselines=tuple(settings.points))
+    startup = settings.tpe_startup if sampler == "tpe" else settings.trials
     return Study(name=name, description=f"benchmark: {sampler} + ASHA", base=base,
-                 methods={"mean_teacher": ["ema_decay", "consistency"]}, num_samples=len(settings.grid),
+                 methods={base["method.name"]: settings.search_names}, num_samples=settings.trials,
                  grace_period=settings.grace_period, reduction_factor=settings.reduction_factor,
                  startup_trials=startup, seed_with_defaults=False)
 
@@ -170,39 +239,53 @@ def _argv(workdir: Path, settings: SearchSettings, sampler: str, seed: int) -> l
 
 def _searches(settings: SearchSettings) -> list[tuple[str, str, int]]:
     """(label, sampler, sampler seed) of every search, the grid first."""
-    return [("grid", "grid", 0)] + [(f"{sampler} s{seed}", sampler, seed) for sampler in ("tpe", "random")
-                                    for seed in settings.sampler_seeds]
+    return ([("grid", "grid", 0)] + [(f"tpe s{seed}", "tpe", seed) for seed in settings.tpe_seeds]
+            + [(f"random s{seed}", "random", seed) for seed in settings.random_seeds])
 
 
 def run(settings: SearchSettings, workdir: Path) -> Section:
-    """Run the three searches and compare their best-so-far Dice per epoch spent."""
+    """Run the grid and the searches and compare their best-so-far Dice per epoch spent."""
     workdir.mkdir(parents=True, exist_ok=True)
     section = Section("Search efficiency: TPE + ASHA vs random + ASHA vs grid", settings.to_dict())
     start_ray(workdir)
     curves: dict[str, list[tuple[int, float]]] = {}
+    grid_values: list[float] = []
     for label, sampler, seed in _searches(settings):
         study = _study(f"bench_search_{sampler}_{seed}", settings, sampler)
         _, wall = timed_study(study, _argv(workdir, settings, sampler, seed), workdir / "study.log")
-        reports = read_reports(workdir / "runs" / "ray", study.name)
+        experiments = workdir / "runs" / "ray"
+        reports = read_reports(experiments, study.name)
         curves[label] = anytime(reports)
         section.figures[f"{label}: wall"] = Figure("s", [wall], "run_study of the whole search")
         section.figures[f"{label}: epochs spent"] = Figure("epochs", [float(len(reports))], "sum over trials")
         section.figures[f"{label}: best val Dice"] = Figure("Dice", [curves[label][-1][1]], "any trial, any epoch")
         section.extra[f"{label}: test Dice of the best finished trial"] = best_test(reports)
-    _compare(section, settings, curves)
+        if sampler == "grid":
+            section.extra["grid: best val Dice per point"] = landscape(
+                reports, trial_points(experiments, study.name, list(settings.grid)), settings.grid)
+            grid_values = [max(r.val_dice for r in reports if r.trial == trial) for trial in {r.trial for r in reports}]
+    _compare(section, settings, curves, grid_values)
     return section
 
 
-def _compare(section: Section, settings: SearchSettings, curves: dict[str, list[tuple[int, float]]]) -> None:
+def _compare(section: Section, settings: SearchSettings, curves: dict[str, list[tuple[int, float]]],
+             grid_values: list[float]) -> None:
     grid_epochs, grid_best = curves["grid"][-1]
     labels = list(curves)
     rows = []
     for fraction in FRACTIONS:
         budget = fraction * grid_epochs
         rows.append([f"{fraction:.0%} ({budget:.0f} epochs)", *[best_within(curves[label], budget)
-                                                                 for label in labels]])
+                                                                 for label in labels],
+                     expected_best_of(grid_values, int(budget // settings.epochs))])
     section.extra["best val Dice by epochs spent (share of the grid's epochs)"] = {
-        "columns": ["epochs spent", *labels], "rows": rows}
+        "columns": ["epochs spent", "grid (as run)", *labels[1:], "grid in a random order (expected)"],
+        "rows": rows}
+    reached = [epochs_to_reach(curves[label], grid_best - DICE_TOLERANCE) for label in labels]
+    section.extra[f"epochs until within {DICE_TOLERANCE} of the grid's best (share of the grid's epochs)"] = {
+        "columns": ["search", "epochs", "share"],
+        "rows": [[label, spent, None if spent is None else spent / grid_epochs]
+                 for label, spent in zip(labels, reached)]}
     section.extra["curves"] = dict(curves)
     tpe = [label for label in labels if label.startswith("tpe")]
     at_share = median([best_within(curves[label], EPOCH_SHARE * grid_epochs) for label in tpe])
@@ -214,12 +297,14 @@ def _compare(section: Section, settings: SearchSettings, curves: dict[str, list[
     section.checks.append(Check(f"TPE + ASHA best val Dice (whole search) minus the grid's best (median over "
                                 f"{len(tpe)} seeds)", whole - grid_best, -DICE_TOLERANCE, ">=",
                                 f"median {spent:.0f} epochs = {spent / grid_epochs:.0%} of the grid's"))
-    floor = asha_floor(len(settings.grid), settings.grace_period, settings.epochs)
+    floor = asha_floor(settings.trials, settings.grace_period, settings.epochs)
     section.extra["ASHA's floor: epochs for one full-length trial (share of the grid's)"] = floor / grid_epochs
-    section.notes.append(f"Scale: {len(settings.grid)} grid points (ema_decay {settings.decays} x consistency "
-                         f"{settings.weights}), {len(settings.grid)} trials per search, {settings.epochs} epochs of "
+    grid_shape = " x ".join(f"{key} {values}" for key, values in settings.grid.items())
+    section.notes.append(f"Scale: {len(settings.points)} grid points ({grid_shape}); {settings.trials} trials per "
+                         f"search over the same keys' declared ranges; {settings.epochs} epochs of "
                          f"{settings.config['train.steps_per_epoch']} steps, phantom "
                          f"{settings.config['data.phantom_shape']} with {settings.config['data.num_labelled']} "
                          f"labelled cases, ASHA grace {settings.grace_period}, eta {settings.reduction_factor}; "
-                         f"sampler seeds {settings.sampler_seeds} (same split and training seed). TPE and random "
-                         f"with the same seed share their first {settings.tpe_startup} trials.")
+                         f"TPE seeds {settings.tpe_seeds}, random seeds {settings.random_seeds} (same split and "
+                         f"training seed). TPE and random with the same seed share their first "
+                         f"{settings.tpe_startup} trials.")

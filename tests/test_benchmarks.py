@@ -172,6 +172,61 @@ def test_search_curve_tracks_the_best_dice_per_epoch_spent():
     assert asha_floor(6, 2, 12) == 22 and asha_floor(3, 5, 4) == 12
 
 
+def test_expected_best_of_a_random_grid_order_is_the_mean_maximum_of_every_draw():
+    from itertools import combinations
+
+    from benchmarks.search import expected_best_of
+
+    values = [0.3, 0.7, 0.1, 0.5, 0.7]
+    for draws in range(1, len(values) + 1):
+        subsets = list(combinations(values, draws))
+        assert expected_best_of(values, draws) == pytest.approx(sum(map(max, subsets)) / len(subsets))
+    assert expected_best_of(values, 0) == 0.0 and expected_best_of(values, 9) == pytest.approx(0.7)
+    assert expected_best_of([0.2, 0.4], 1) == pytest.approx(0.3)
+
+
+def test_epochs_to_reach_is_the_first_report_at_or_above_the_target():
+    from benchmarks.search import epochs_to_reach
+
+    curve = [(1, 0.2), (2, 0.2), (3, 0.5), (4, 0.6)]
+    assert epochs_to_reach(curve, 0.5) == 3 and epochs_to_reach(curve, 0.55) == 4
+    assert epochs_to_reach(curve, 0.61) is None
+
+
+def test_grid_landscape_reads_each_trials_point_and_its_best_dice(tmp_path):
+    from benchmarks.search import Report, landscape, trial_points
+
+    variants = {"trial_a": {"optim.lr": 0.001, "method.consistency": 1.0},
+                "trial_b": {"optim.lr": 0.01, "method.consistency": 1.0},
+                "trial_c": {"optim.lr": 0.01, "method.consistency": 3.0}}
+    for trial, variant in variants.items():
+        folder = tmp_path / "bench-grid-x" / trial
+        folder.mkdir(parents=True)
+        (folder / "params.json").write_text(json.dumps({"method.name": "mean_teacher", "_variant": variant}))
+    points = trial_points(tmp_path, "bench-grid", ["optim.lr", "method.consistency"])
+    assert points == variants
+    reports = [Report(1, "trial_a", 1, 0.4, None), Report(2, "trial_a", 2, 0.3, 0.3),
+               Report(1, "trial_b", 1, 0.6, None), Report(2, "trial_b", 2, 0.7, 0.6),
+               Report(3, "trial_c", 1, 0.1, 0.1)]
+    table = landscape(reports, points, {"optim.lr": (0.001, 0.01), "method.consistency": (1.0, 3.0)})
+    assert table["columns"][1:] == ["1", "3"]
+    assert table["rows"] == [["0.001", 0.4, None], ["0.01", 0.7, 0.1]]
+
+
+def test_search_settings_name_keys_the_study_can_search():
+    from benchmarks.search import SearchSettings
+    from semiseg.tune.space import resolve
+
+    for settings in (SearchSettings(), SearchSettings.quick()):
+        assert list(resolve(settings.config["method.name"], settings.search_names)) == list(settings.grid)
+        assert len(settings.points) == math.prod(len(values) for values in settings.grid.values())
+    default = SearchSettings()
+    assert len(default.points) == 24 and default.trials == len(default.points) // 2
+    for key, values in default.grid.items():
+        declared = resolve("mean_teacher", [key.removeprefix("method.")])[key]
+        assert declared.low <= min(values) and max(values) <= declared.high, key
+
+
 def _smooth(shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
     axes = torch.meshgrid(*[torch.linspace(0, 1, s) for s in shape], indexing="ij")
     image = sum(torch.sin(2.5 * (k + 1) * a + k) for k, a in enumerate(axes)) / len(shape)
