@@ -7,10 +7,10 @@ large ``conv2d`` forward (64 → 64 channels, 3×3, 128×128, batch 8) with the 
 threads, timed in the same interleaved rounds as the steps.
 
 Variants: the bare loop, the platform's supervised and mean-teacher steps (identity
-augmentation), and the bare loop and the supervised step with channels-last tensors (a
-candidate optimisation: ``train.channels_last`` exists in the config but the loop does
-not use it; oneDNN prefers channels-last on CPU too). With ``compile`` the bare loop
-is also run through ``torch.compile`` (its compile time is reported; minutes on 2 cores).
+augmentation), each in both memory layouts: contiguous (``train.channels_last=False``)
+and channels-last (the platform's default since this section measured it; oneDNN prefers
+it on CPU too). With ``compile`` the bare loop is also run through ``torch.compile`` (its
+compile time is reported; minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from benchmarks.workloads import (BareStep, PlatformStep, StepShape, bare_step, 
                                   phantom_data, synchronize)
 
 COMPILED = "bare torch.compile"
+CONTIGUOUS = {"train.channels_last": False}
+CHANNELS_LAST = {"train.channels_last": True}
 
 
 @dataclass(frozen=True)
@@ -84,24 +86,6 @@ def count_flops(work: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def channels_last(step: BareStep) -> BareStep:
-    """A copy of a bare loop whose network and images are channels-last."""
-    network = copy.deepcopy(step.network).to(memory_format=torch.channels_last)
-    batches = [{**b, "image_l": b["image_l"].contiguous(memory_format=torch.channels_last)} for b in step.batches]
-    lr, decay = step.optimizer.defaults["lr"], step.optimizer.defaults["weight_decay"]
-    return BareStep(network, batches, step.steps, lr, decay)
-
-
-def channels_last_step(cfg: Any, data: Any, batches: list[dict[str, torch.Tensor]]) -> PlatformStep:
-    """A platform step whose networks and images are channels-last (what ``train.channels_last`` could do)."""
-    converted = [{**b, **{k: v.contiguous(memory_format=torch.channels_last) for k, v in b.items()
-                          if k.startswith("image")}} for b in batches]
-    step = PlatformStep(cfg, data, converted)
-    for module in [*step.method.trained.values(), *step.method.frozen.values()]:
-        module.to(memory_format=torch.channels_last)
-    return step
-
-
 def compiled(step: BareStep) -> tuple[BareStep, float]:
     """A copy of a bare loop with a ``torch.compile``-d network, and the seconds its first call took."""
     lr, decay = step.optimizer.defaults["lr"], step.optimizer.defaults["weight_decay"]
@@ -140,16 +124,21 @@ def _variants(settings: FlopSettings, workdir: Path, section: Section) -> dict[s
     shape = settings.shape
     data = phantom_data(shape, workdir)
     labelled = draw_batches(data, shape, settings.steps, semi=False)
-    cfg = experiment_config(shape, "supervised", settings.steps, augment=False)
-    bare = bare_step(cfg, data, labelled, settings.steps)
+    contiguous = experiment_config(shape, "supervised", settings.steps, augment=False, overrides=CONTIGUOUS)
+    layered = experiment_config(shape, "supervised", settings.steps, augment=False, overrides=CHANNELS_LAST)
+    bare = bare_step(contiguous, data, labelled, settings.steps)
     variants: dict[str, Callable[[], None]] = {
         "peak conv2d": PeakConv(*settings.peak_shape),
         "bare": bare,
-        "bare channels_last": channels_last(bare),
-        "supervised": PlatformStep(cfg, data, labelled),
-        "supervised channels_last": channels_last_step(cfg, data, labelled),
-        "mean_teacher": PlatformStep(experiment_config(shape, "mean_teacher", settings.steps, augment=False), data,
-                                     draw_batches(data, shape, settings.steps, semi=True)),
+        "bare channels_last": bare_step(layered, data, labelled, settings.steps),
+        "supervised": PlatformStep(contiguous, data, labelled),
+        "supervised channels_last": PlatformStep(layered, data, labelled),
+        "mean_teacher": PlatformStep(experiment_config(shape, "mean_teacher", settings.steps, augment=False,
+                                                       overrides=CONTIGUOUS),
+                                     data, draw_batches(data, shape, settings.steps, semi=True)),
+        "mean_teacher channels_last": PlatformStep(experiment_config(shape, "mean_teacher", settings.steps,
+                                                                     augment=False, overrides=CHANNELS_LAST),
+                                                   data, draw_batches(data, shape, settings.steps, semi=True)),
     }
     if settings.compile:
         variants[COMPILED], seconds = compiled(bare)
@@ -164,4 +153,5 @@ def _help(name: str) -> str:
             COMPILED: "bare loop, torch.compile-d network (FLOPs of the eager loop)",
             "supervised": "platform supervised step (identity augmentation)",
             "supervised channels_last": "platform supervised step, networks and images channels-last",
-            "mean_teacher": "platform mean-teacher step (identity augmentation; counts the teacher forward)"}[name]
+            "mean_teacher": "platform mean-teacher step (identity augmentation; counts the teacher forward)",
+            "mean_teacher channels_last": "platform mean-teacher step, networks and images channels-last"}[name]

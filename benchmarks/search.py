@@ -188,6 +188,16 @@ def expected_best_of(values: list[float], draws: int) -> float:
         len(ordered), draws)
 
 
+def expected_draws_until(values: list[float], target: float) -> float | None:
+    """Expected number of values drawn in a random order until one is at least ``target``.
+
+    With m of n values reaching it, the first success of a random permutation comes at
+    position (n + 1) / (m + 1) on average; None when none reaches it.
+    """
+    reaching = sum(value >= target for value in values)
+    return (len(values) + 1) / (reaching + 1) if reaching else None
+
+
 def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     """Epochs spent when the best validation Dice first reached ``target`` (None: never)."""
     return next((spent for spent, dice in curve if dice >= target), None)
@@ -282,10 +292,13 @@ def _compare(section: Section, settings: SearchSettings, curves: dict[str, list[
         "columns": ["epochs spent", "grid (as run)", *labels[1:], "grid in a random order (expected)"],
         "rows": rows}
     reached = [epochs_to_reach(curves[label], grid_best - DICE_TOLERANCE) for label in labels]
+    draws = expected_draws_until(grid_values, grid_best - DICE_TOLERANCE)
+    reached.append(None if draws is None else draws * settings.epochs)
     section.extra[f"epochs until within {DICE_TOLERANCE} of the grid's best (share of the grid's epochs)"] = {
         "columns": ["search", "epochs", "share"],
         "rows": [[label, spent, None if spent is None else spent / grid_epochs]
-                 for label, spent in zip(labels, reached)]}
+                 for label, spent in zip(["grid (as run)", *labels[1:], "grid in a random order (expected)"],
+                                         reached)]}
     section.extra["curves"] = dict(curves)
     tpe = [label for label in labels if label.startswith("tpe")]
     at_share = median([best_within(curves[label], EPOCH_SHARE * grid_epochs) for label in tpe])

@@ -90,7 +90,8 @@ def _variants(settings: StepSettings, workdir: Path) -> tuple[dict[str, Any], di
     methods = settings.methods or tuple(method_names())
     supervised_cfg = experiment_config(shape, "supervised", settings.steps, augment=False)
     variants: dict[str, Any] = {"bare": bare_step(supervised_cfg, data, labelled, settings.steps)}
-    variants["forward_only"] = ForwardOnly(copy.deepcopy(variants["bare"].network), labelled, settings.steps)
+    variants["forward_only"] = ForwardOnly(copy.deepcopy(variants["bare"].network), variants["bare"].batches,
+                                           settings.steps)
     for method in methods:
         batches = labelled if method == "supervised" else mixed
         variants[method] = PlatformStep(experiment_config(shape, method, settings.steps, augment=False),
@@ -109,6 +110,11 @@ def _variants(settings: StepSettings, workdir: Path) -> tuple[dict[str, Any], di
                    f"bare@{settings.compare_threads}threads": WithThreads(
                        bare_step(supervised_cfg, data, labelled, settings.steps), settings.compare_threads)}
     return variants, scaling
+
+
+def supervised_layout_is_channels_last(shape: Any, steps: int) -> bool:
+    """Whether the platform's default configuration trains channels-last (``train.channels_last``)."""
+    return experiment_config(shape, "supervised", steps, augment=False).train.channels_last
 
 
 def run(settings: StepSettings, workdir: Path) -> Section:
@@ -131,6 +137,9 @@ def run(settings: StepSettings, workdir: Path) -> Section:
                          f"{timings.rounds} interleaved rounds.")
     section.notes.append("Costs are per image through the trained network(s); the supervised step and the bare "
                          "loop get the whole batch labelled, semi-supervised steps half labelled, half unlabelled.")
+    layout = "channels-last" if supervised_layout_is_channels_last(shape, settings.steps) else "contiguous"
+    section.notes.append(f"Every variant, the bare loop included, runs in the platform's default memory layout "
+                         f"({layout}); the flops section compares the two layouts.")
     return section
 
 

@@ -22,7 +22,8 @@ from semiseg.data.batches import MixedBatchSampler
 from semiseg.data.phantom import generate_phantom
 from semiseg.data.prepared import PreparedData, prepare_split
 from semiseg.methods import Method, build_method
-from semiseg.train.loop import LoopState, _build_context, _build_optimizers, _GradientSync, _train_epoch
+from semiseg.train.loop import (LoopState, _build_context, _build_optimizers, _GradientSync, _memory_format,
+                                _train_epoch, apply_memory_format)
 
 ZERO_AUGMENT = {"train.augment_rotation_deg": 0.0, "train.augment_scale": 0.0, "train.augment_shift": 0.0,
                 "train.augment_noise_std": 0.0, "train.augment_intensity": 0.0}
@@ -125,11 +126,16 @@ def experiment_config(shape: StepShape, method: str, steps: int, augment: bool,
 
 
 class PlatformStep:
-    """``steps`` optimiser steps of a method through the training loop's ``_train_epoch``."""
+    """``steps`` optimiser steps of a method through the training loop's ``_train_epoch``.
+
+    The networks take the layout ``train.channels_last`` asks for, as in ``run_training``;
+    ``_train_epoch`` converts the batches' images to it.
+    """
 
     def __init__(self, cfg: ExperimentConfig, data: PreparedData, batches: list[dict[str, torch.Tensor]]) -> None:
         self.cfg = cfg
         self.method: Method = build_method(cfg.method["name"], _build_context(cfg, data, device()), cfg.method)
+        apply_memory_format(self.method, cfg)
         self.optimizers = _build_optimizers(self.method, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.batches = FixedBatches(batches)
@@ -209,6 +215,12 @@ class WithThreads:
 
 def bare_step(cfg: ExperimentConfig, data: PreparedData, batches: list[dict[str, torch.Tensor]],
               steps: int) -> BareStep:
-    """A bare loop on the network the platform's step would build for ``cfg`` (same init and optimiser settings)."""
+    """A bare loop on the network the platform's step would build for ``cfg``: same init, optimiser
+    settings and memory layout (network and images channels-last when ``train.channels_last``)."""
     network = _build_context(cfg, data, device()).build_network()
+    memory_format = _memory_format(cfg)
+    if memory_format is not None:
+        network = network.to(memory_format=memory_format)
+        batches = [{key: value.contiguous(memory_format=memory_format) if key.startswith("image") else value
+                    for key, value in batch.items()} for batch in batches]
     return BareStep(network, batches, steps, cfg.optim.lr, cfg.optim.weight_decay)

@@ -185,6 +185,19 @@ def test_expected_best_of_a_random_grid_order_is_the_mean_maximum_of_every_draw(
     assert expected_best_of([0.2, 0.4], 1) == pytest.approx(0.3)
 
 
+def test_expected_draws_until_a_target_is_the_mean_first_success_of_every_order():
+    from itertools import permutations
+
+    from benchmarks.search import expected_draws_until
+
+    values = [0.2, 0.8, 0.5, 0.9]
+    for target in (0.5, 0.85, 0.1):
+        orders = list(permutations(values))
+        first = [next(i for i, v in enumerate(order, start=1) if v >= target) for order in orders]
+        assert expected_draws_until(values, target) == pytest.approx(sum(first) / len(orders))
+    assert expected_draws_until(values, 0.95) is None
+
+
 def test_epochs_to_reach_is_the_first_report_at_or_above_the_target():
     from benchmarks.search import epochs_to_reach
 

@@ -3,8 +3,13 @@
 import math
 
 import pytest
+import torch
 
-from semiseg.train.loop import run_training
+from semiseg.config import ExperimentConfig
+from semiseg.data.prepared import prepare_split
+from semiseg.data.source import prepared_cache_root, resolve_dataset
+from semiseg.methods import build_method
+from semiseg.train.loop import _build_context, apply_memory_format, run_training
 from semiseg.train.session import LocalSession
 
 
@@ -94,7 +99,6 @@ def test_checkpoints_carry_the_best_overlay_and_model_spec(tiny_config, tmp_path
     import io
 
     import numpy as np
-    import torch
     from PIL import Image
 
     session = LocalSession(tmp_path / "ckpt")
@@ -107,10 +111,26 @@ def test_checkpoints_carry_the_best_overlay_and_model_spec(tiny_config, tmp_path
     assert payload["model_spec"]["num_classes"] == 2 and payload["model_spec"]["in_channels"] == 1
 
 
-def test_channels_last_trains_the_same_model(tiny_config):
-    default, channels_last = LocalSession(), LocalSession()
-    config = {**tiny_config, "method.name": "mean_teacher", "train.max_epochs": 1}
-    run_training(config, default)
-    run_training({**config, "train.channels_last": True}, channels_last)
-    assert channels_last.reports[0]["train/loss"] == pytest.approx(default.reports[0]["train/loss"], rel=1e-3)
-    assert channels_last.reports[0]["val/dice"] == pytest.approx(default.reports[0]["val/dice"], abs=1e-3)
+@pytest.mark.parametrize(("overrides", "layout"), [
+    ({"method.name": "mean_teacher"}, torch.channels_last),
+    ({"method.name": "supervised", "data.phantom_shape": "32x32x16", "data.dims": 3, "data.patch_size": "16x16x8"},
+     torch.channels_last_3d)])
+def test_channels_last_is_the_default_and_trains_the_same_model(tiny_config, overrides, layout):
+    config = ExperimentConfig.from_flat({**tiny_config, **overrides})
+    assert config.train.channels_last, "channels-last is the default layout"
+    data = prepare_split(resolve_dataset(config.data), num_labelled=config.data.num_labelled,
+                         num_validation=config.data.num_validation, num_test=config.data.num_test,
+                         split_seed=config.data.split_seed, dims=config.data.dims,
+                         cache_root=prepared_cache_root(config.data))
+    method = build_method(config.method["name"], _build_context(config, data, torch.device("cpu")), config.method)
+    apply_memory_format(method, config)
+    weights = [p for module in [*method.trained.values(), *method.frozen.values()] for p in module.parameters()
+               if p.ndim == config.data.dims + 2]
+    assert weights and all(w.is_contiguous(memory_format=layout) for w in weights)
+    assert sum(not w.is_contiguous() for w in weights) > len(weights) // 2, "most weights changed layout"
+    contiguous, channels_last = LocalSession(), LocalSession()
+    run_config = {**tiny_config, **overrides, "train.max_epochs": 1}
+    run_training({**run_config, "train.channels_last": False}, contiguous)
+    run_training(run_config, channels_last)
+    assert channels_last.reports[0]["train/loss"] == pytest.approx(contiguous.reports[0]["train/loss"], rel=1e-3)
+    assert channels_last.reports[0]["val/dice"] == pytest.approx(contiguous.reports[0]["val/dice"], abs=1e-3)

@@ -108,7 +108,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     amp: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     val_batch_size: int = 16
     augment_rotation_deg: float = 15.0
     augment_scale: float = 0.1

@@ -103,10 +103,7 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
                          loader=cfg.data.loader, memory_budget_mb=cfg.data.memory_budget_mb,
                          stream_buffer_rows=cfg.data.stream_buffer_rows)
     method = build_method(cfg.method["name"], _build_context(cfg, data, device), cfg.method)
-    memory_format = _memory_format(cfg)
-    if memory_format is not None:
-        for module in [*method.trained.values(), *method.frozen.values()]:
-            module.to(memory_format=memory_format)
+    apply_memory_format(method, cfg)
     manual_sync: list[torch.nn.Parameter] = []
     if session.world_size > 1:
         manual_sync = _wrap_ddp(method, device)
@@ -158,11 +155,23 @@ def _patch_size(cfg: ExperimentConfig) -> tuple[int, int, int] | None:
 
 
 def _memory_format(cfg: ExperimentConfig) -> torch.memory_format | None:
-    """Channels-last layout for networks and images when ``train.channels_last`` (measured
-    1.19× faster for the supervised 2D step on CPU, and what AMP convolutions want on GPUs)."""
+    """Channels-last layout for networks and images when ``train.channels_last`` (the default:
+    whole training epochs on CPU took 1.06–1.39× less time with it, 2D and 3D, for every
+    method measured; and it is what AMP convolutions want on GPUs)."""
     if not cfg.train.channels_last:
         return None
     return torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
+
+
+def apply_memory_format(method: Method, cfg: ExperimentConfig) -> None:
+    """Put every network of ``method`` in the layout ``train.channels_last`` asks for (no-op when off).
+
+    The loop's epochs convert each batch's images to the same layout.
+    """
+    memory_format = _memory_format(cfg)
+    if memory_format is not None:
+        for module in [*method.trained.values(), *method.frozen.values()]:
+            module.to(memory_format=memory_format)
 
 
 def _device(session: Session) -> torch.device:
