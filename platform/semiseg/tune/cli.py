@@ -32,6 +32,7 @@ class StudyArgs:
     skip_baselines: bool
     final_seeds: int | None = None
     methods: tuple[str, ...] = ()
+    ranges: tuple[tuple[str, float, float], ...] = ()
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -64,6 +65,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="Ray cluster address (default: RAY_ADDRESS, as set by `ray job submit`, else local)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--range", dest="ranges", action="append", default=[], metavar="NAME=LOW:HIGH",
+                        help="search NAME over LOW..HIGH instead of its declared range, e.g. --range "
+                             "ema_decay=0.99:0.9995 for long schedules (repeatable)")
     parser.add_argument("--skip-baselines", action="store_true", help="run the search only")
     parser.add_argument("--final-seeds", type=int, default=None,
                         help="seeds of the final re-runs (study default if unset; 0: no re-runs of the searched best)")
@@ -85,6 +89,10 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
         overrides = tuple(parse_override(text) for text in ns.overrides)
     except ConfigError as error:
         parser.error(str(error))
+    try:
+        ranges = tuple(parse_range(text) for text in ns.ranges)
+    except ConfigError as error:
+        parser.error(str(error))
     for flag, value in (("--num-samples", ns.num_samples), ("--max-epochs", ns.max_epochs),
                         ("--max-concurrent", ns.max_concurrent)):
         if value is not None and value < 1:
@@ -104,4 +112,21 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
                      tracking_uri=ns.tracking_uri, storage_path=storage, state_dir=state_dir,
                      resume=ns.resume, smoke=ns.smoke, seed=ns.seed, address=ns.address,
                      overrides=overrides, skip_baselines=ns.skip_baselines, final_seeds=ns.final_seeds,
-                     methods=tuple(name.strip() for name in (ns.methods or "").split(",") if name.strip()))
+                     methods=tuple(name.strip() for name in (ns.methods or "").split(",") if name.strip()),
+                     ranges=ranges)
+
+
+def parse_range(text: str) -> tuple[str, float, float]:
+    """``NAME=LOW:HIGH`` → (name, low, high).
+
+    Raises:
+        ConfigError: not of that form, or bounds that are not numbers.
+    """
+    name, sep, bounds = text.partition("=")
+    low, colon, high = bounds.partition(":")
+    if not sep or not colon or not name.strip():
+        raise ConfigError(f"--range {text!r}: expected NAME=LOW:HIGH, e.g. ema_decay=0.9:0.995")
+    try:
+        return name.strip(), float(low), float(high)
+    except ValueError:
+        raise ConfigError(f"--range {text!r}: LOW and HIGH must be numbers") from None

@@ -79,6 +79,7 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
     try:
         study = study.restricted_to(args.methods)
         base = resolve_base_config(study, args)
+        check_searches(study, base, args)
         layout_name = check_dataset(base, _baselines(study, args))
     except (DatasetError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -169,7 +170,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
             tracker.log_params(parent_run_id, _public(base))
     state.update({"parent_run_id": parent_run_id, "tracking_uri": tracking_uri})
     _save_state(study_dir, state)
-    searches = _searches(study, base)
+    searches = _searches(study, base, search_ranges(study, args))
     print(f"\n== study {study.name}: {study.description}\n   dataset {dataset_name}; "
           f"{len(searches)} search(es) of {num_samples} trials, {max_epochs} epochs each; "
           f"final phase with {max(1, final_seeds)} seed(s); MLflow {tracking_uri}\n", flush=True)
@@ -202,8 +203,41 @@ def _study_methods(study: Study, base: dict[str, Any]) -> list[str]:
     return methods + [str(b.get("method.name", base["method.name"])) for b in study.baselines]
 
 
-def _searches(study: Study, base: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
-    """(phase name, search space, base config) of each search of the study."""
+def check_searches(study: Study, base: dict[str, Any], args: StudyArgs) -> None:
+    """Build every search space once, so that a bad range or seed point fails before Ray starts.
+
+    Raises:
+        ConfigError: a name a method does not declare, and see :func:`search_ranges` and
+            :meth:`MethodSpace.default_point`.
+    """
+    try:
+        searches = _searches(study, base, search_ranges(study, args))
+    except KeyError as error:
+        raise ConfigError(f"study {study.name}: {error.args[0]}") from None
+    for _, space, _ in searches:
+        if study.seed_with_defaults and hasattr(space, "default_point"):
+            space.default_point()
+
+
+def search_ranges(study: Study, args: StudyArgs) -> dict[str, tuple[float, float]]:
+    """The study's replaced search ranges with the command line's ``--range`` over them.
+
+    Raises:
+        ConfigError: a range for a name that none of the study's searches searches.
+    """
+    ranges = {**{name: (float(low), float(high)) for name, (low, high) in study.ranges.items()},
+              **{name: (low, high) for name, low, high in args.ranges}}
+    searched = {name for names in study.methods.values() for name in names}
+    unknown = sorted(set(ranges) - searched)
+    if unknown:
+        raise ConfigError(f"study {study.name}: a range for {', '.join(unknown)}, which no search of it searches; "
+                          f"it searches {sorted(searched) or 'nothing by name'}")
+    return ranges
+
+
+def _searches(study: Study, base: dict[str, Any], ranges: dict[str, tuple[float, float]] | None = None
+              ) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(phase name, search space, base config) of each search of the study (``ranges``: replaced ranges)."""
     searches = []
     if study.search_space is not None:
         space_base = base
@@ -212,7 +246,8 @@ def _searches(study: Study, base: dict[str, Any]) -> list[tuple[str, Any, dict[s
         searches.append(("search", study.search_space, space_base))
     for method, keys in study.methods.items():
         if keys:
-            searches.append((f"search-{method}", method_space(method, keys), _config_for_method(base, method)))
+            searches.append((f"search-{method}", method_space(method, keys, ranges),
+                             _config_for_method(base, method)))
     return searches
 
 
@@ -221,6 +256,20 @@ def _config_for_method(base: dict[str, Any], method: str) -> dict[str, Any]:
     private = {k: v for k, v in base.items() if k.startswith("_")}
     public = _without_method_params(_public(base), {"method.name": method})
     return {**ExperimentConfig.from_flat({**public, "method.name": method}).to_flat(), **private}
+
+
+def final_phase_seeds(search_seed: int, final_seeds: int) -> list[int]:
+    """Training seeds of the final phase.
+
+    With ``final_seeds`` > 0 they follow the search's seed (``search_seed + 1`` onwards): a
+    searched configuration was chosen for what it reached with ``search_seed``, so re-running
+    it with that seed repeats the chosen trial (bit for bit on CPU), adds no information, and
+    carries the selection's luck into the reported mean. With 0 the baselines run once, with
+    the search's own seed, beside the searched trials they are compared with.
+    """
+    if final_seeds <= 0:
+        return [search_seed]
+    return [search_seed + offset for offset in range(1, final_seeds + 1)]
 
 
 def _final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], final_seeds: int,
@@ -241,11 +290,10 @@ def _final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], fi
         for baseline in _baselines(study, args):
             method = str(baseline.get("method.name", base["method.name"]))
             configs.append({**_public(_config_for_method(base, method)), **baseline})
-    seeds = range(max(1, final_seeds))
     variants: list[dict[str, Any]] = []
     for config in configs:
-        for offset in seeds:
-            variant = ExperimentConfig.from_flat({**config, "train.seed": args.seed + offset}).to_flat()
+        for seed in final_phase_seeds(args.seed, final_seeds):
+            variant = ExperimentConfig.from_flat({**config, "train.seed": seed}).to_flat()
             if variant not in variants:
                 variants.append(variant)
     return variants

@@ -9,8 +9,10 @@ searcher's state into its experiment checkpoint (``--resume``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable, Mapping, Sequence
 
+from semiseg.config import ConfigError
 from semiseg.methods.base import HParam
 from semiseg.methods.registry import method_hparams
 
@@ -65,27 +67,52 @@ def optuna_params(key: str, hparam: HParam, value: Any) -> dict[str, Any]:
     return {key: value}
 
 
-def resolve(method: str, names: Iterable[str]) -> dict[str, HParam]:
+def resolve(method: str, names: Iterable[str], ranges: Mapping[str, tuple[float, float]] | None = None
+            ) -> dict[str, HParam]:
     """Dotted keys and declarations of ``names`` for ``method``.
 
     A name without a dot is one of the method's hyperparameters (``ema_decay``); a dotted
-    name is a config key with a range in :data:`CONFIG_RANGES` (``optim.lr``).
+    name is a config key with a range in :data:`CONFIG_RANGES` (``optim.lr``). ``ranges``
+    (name → (low, high)) replaces the declared range of the names it lists.
 
     Raises:
         KeyError: a name the method does not declare, or a config key without a range.
+        ConfigError: a replacement range the hyperparameter cannot take (see :func:`with_range`).
     """
     declared = method_hparams(method)
+    ranges = ranges or {}
     resolved: dict[str, HParam] = {}
     for name in names:
         if "." in name:
             if name not in CONFIG_RANGES:
                 raise KeyError(f"no default range for {name!r}; searchable config keys: {sorted(CONFIG_RANGES)}")
-            resolved[name] = CONFIG_RANGES[name]
+            key, hparam = name, CONFIG_RANGES[name]
         elif name in declared:
-            resolved[f"method.{name}"] = declared[name]
+            key, hparam = f"method.{name}", declared[name]
         else:
             raise KeyError(f"method {method!r} declares no {name!r}; it has {sorted(declared)}")
+        resolved[key] = with_range(name, hparam, ranges[name]) if name in ranges else hparam
     return resolved
+
+
+def with_range(name: str, hparam: HParam, bounds: tuple[float, float]) -> HParam:
+    """``hparam`` searched over ``bounds`` instead of its declared range.
+
+    Raises:
+        ConfigError: a categorical hyperparameter, ``low >= high``, a non-positive bound on
+            a log scale, or a complement-searched bound outside (0, 1).
+    """
+    low, high = float(bounds[0]), float(bounds[1])
+    if hparam.choices is not None:
+        raise ConfigError(f"range for {name}: it is categorical ({list(hparam.choices)}), not a range")
+    if not low < high:
+        raise ConfigError(f"range for {name}: low {low:g} must be below high {high:g}")
+    if hparam.complement and not 0.0 < low < high < 1.0:
+        raise ConfigError(f"range for {name}: both bounds must lie in (0, 1) (it is searched as 1 - value on a "
+                          f"log scale), got {low:g}:{high:g}")
+    if hparam.log and low <= 0.0:
+        raise ConfigError(f"range for {name}: it is searched on a log scale, so low must be > 0, got {low:g}")
+    return replace(hparam, low=low, high=high)
 
 
 class MethodSpace:
@@ -94,29 +121,42 @@ class MethodSpace:
     Args:
         method: registered method name.
         names: method hyperparameter names (``ema_decay``) or dotted config keys (``optim.lr``).
+        ranges: name → (low, high) replacing declared ranges (e.g. a study's narrower EMA decays).
 
     Raises:
-        KeyError: see :func:`resolve`.
+        KeyError, ConfigError: see :func:`resolve`.
     """
 
     chooses_method = False
 
-    def __init__(self, method: str, names: Iterable[str]) -> None:
+    def __init__(self, method: str, names: Iterable[str], ranges: Mapping[str, tuple[float, float]] | None = None
+                 ) -> None:
         self.method = method
         self.names = list(names)
-        self.keys = list(resolve(method, self.names))
+        self.ranges = {name: (float(low), float(high)) for name, (low, high) in (ranges or {}).items()
+                       if name in self.names}
+        self.keys = list(resolve(method, self.names, self.ranges))
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         """Suggest every key; return the derived constants."""
         constants: dict[str, Any] = {}
-        for key, hparam in resolve(self.method, self.names).items():
+        for key, hparam in resolve(self.method, self.names, self.ranges).items():
             constants.update(suggest(trial, key, hparam))
         return constants
 
     def default_point(self) -> dict[str, Any]:
-        """Optuna parameters of the papers' defaults (a known-good first trial)."""
+        """Optuna parameters of the papers' defaults (a known-good first trial).
+
+        Raises:
+            ConfigError: a default outside a replaced range (widen the range, or do not seed
+                the search with the defaults).
+        """
         point: dict[str, Any] = {}
-        for key, hparam in resolve(self.method, self.names).items():
+        for key, hparam in resolve(self.method, self.names, self.ranges).items():
+            numeric = hparam.choices is None and isinstance(hparam.default, (int, float))
+            if numeric and not hparam.low <= float(hparam.default) <= hparam.high:
+                raise ConfigError(f"the default {key} = {hparam.default} lies outside the searched range "
+                                  f"{hparam.low:g}:{hparam.high:g}; widen the range or set seed_with_defaults=False")
             point.update(optuna_params(key, hparam, hparam.default))
         return point
 
@@ -148,6 +188,7 @@ class MethodChoiceSpace:
         return {}
 
 
-def method_space(method: str, names: Iterable[str]) -> MethodSpace:
+def method_space(method: str, names: Iterable[str], ranges: Mapping[str, tuple[float, float]] | None = None
+                 ) -> MethodSpace:
     """A picklable define-by-run space over ``names`` of ``method`` (see :class:`MethodSpace`)."""
-    return MethodSpace(method, names)
+    return MethodSpace(method, names, ranges)

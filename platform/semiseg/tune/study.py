@@ -25,11 +25,15 @@ class Study:
         methods: method name → names to search (method hyperparameters like ``ema_decay``
             or config keys like ``optim.lr``); one search per method with the same trial
             budget (a method with no names runs at its defaults only, in the final phase).
+        ranges: name → (low, high) replacing the declared search range of a searched name
+            in every search that names it (``--range`` on the command line overrides it).
         baselines: fixed overrides (e.g. the supervised model on the same labelled cases),
             run in the final phase with the same seeds as the searched winners.
         final_seeds: seeds of the final phase; the top ``final_top_k`` configurations of each
             search are re-run with each seed next to the baselines (0: only the baselines,
-            once), so results are reported as mean (std), not as one lucky trial.
+            once), so results are reported as mean (std), not as one lucky trial. The seeds
+            are fresh ones, after the search's (``--seed`` + 1 onwards; see
+            :func:`semiseg.tune.runner.final_phase_seeds`).
         final_top_k: configurations of each search re-run in the final phase.
         group_by: config keys that, with the method, group the final table (e.g.
             ``data.num_labelled`` for label-efficiency curves).
@@ -51,6 +55,7 @@ class Study:
     base: Mapping[str, Any] = field(default_factory=dict)
     search_space: SearchSpace | None = None
     methods: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     baselines: tuple[Mapping[str, Any], ...] = ()
     final_seeds: int = 0
     final_top_k: int = 1
