@@ -3,14 +3,14 @@
 - EMA: :meth:`EmaUpdater.update` (fused ``torch._foreach_lerp_``) on the mean teacher's
   networks, per update, as a fraction of the whole mean-teacher step (target ≤ 2 %), and
   against a naive per-parameter loop (``mul_`` + ``add_`` per tensor), interleaved.
-- Elastic deformation: ``elasticdeform.torch.deform_grid`` (what
-  :mod:`semiseg.components.elastic` uses: NumPy, one C call per sample, single thread)
-  against the ``grid_sample`` implementation of the same deformation in
-  :mod:`benchmarks.elastic_grid_sample`, on the same displacement grids: their
-  agreement (max |difference| on a smooth image, Dice of deformed label maps, identity
-  for zero displacement), forward + backward time on probability maps (2D, and 3D at
-  the default scale), and the transformation-consistency step (elastic T) with either
-  implementation swapped into the method (before/after of the proposed change). CPU
+- Elastic deformation: ``elasticdeform.torch.deform_grid`` (wrapped in
+  :mod:`semiseg.components.elasticdeform_reference`: NumPy, one C call per sample, single
+  thread) against the library's ``grid_sample`` implementation of the same deformation
+  (:mod:`semiseg.components.elastic`), on the same displacement grids: their agreement
+  (max |difference| on a smooth image, Dice of deformed label maps, identity for zero
+  displacement), forward + backward time on probability maps (2D, and 3D at the default
+  scale), and the transformation-consistency step (elastic T) as the library runs it
+  against the same step with elasticdeform swapped in (the before/after of adopting it). CPU
   timings only: the GPU figures need a lent GPU machine, where ``grid_sample`` stays on
   the device and ``elasticdeform`` copies every sample to the host and back.
 """
@@ -210,30 +210,31 @@ def _elastic_timing(section: Section, settings: EmaElasticSettings, name: str, d
 
 
 @contextlib.contextmanager
-def grid_sample_elastic() -> Iterator[None]:
-    """Swap the grid_sample implementation into ``transform_consistency`` for the duration of a block."""
+def elasticdeform_in_transform_consistency() -> Iterator[None]:
+    """Swap the elasticdeform reference into ``transform_consistency`` for the duration of a block
+    (the library's own implementation is the grid_sample one)."""
     import semiseg.methods.transform_consistency as module
 
     names = ("elastic_deform", "elastic_deform_labels", "deformed_valid_mask")
     saved = {name: getattr(module, name) for name in names}
     try:
         for name in names:
-            setattr(module, name, getattr(elastic_grid_sample, name))
+            setattr(module, name, getattr(library_elastic, name))
         yield
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
 
 
-class Patched:
-    """Run a unit of work inside :func:`grid_sample_elastic`."""
+class WithElasticdeform:
+    """Run a unit of work inside :func:`elasticdeform_in_transform_consistency`."""
 
     def __init__(self, work: Any) -> None:
         self.work = work
 
     def __call__(self) -> None:
-        """Run the work with the grid_sample elastic deformation."""
-        with grid_sample_elastic():
+        """Run the work with elasticdeform's deformation."""
+        with elasticdeform_in_transform_consistency():
             self.work()
 
 
@@ -244,11 +245,11 @@ def _transform_consistency(section: Section, settings: EmaElasticSettings, data:
         return PlatformStep(experiment_config(shape, "transform_consistency", settings.steps, augment=True),
                             data, draw_batches(data, shape, settings.steps, semi=True))
 
-    variants = {"elasticdeform": step(), "grid_sample": Patched(step())}
+    variants = {"elasticdeform": WithElasticdeform(step()), "grid_sample": step()}
     timings = interleaved(variants, settings.min_repeats, settings.max_repeats, settings.budget_s)
     for variant in variants:
         section.figures[f"transform_consistency step ({variant})"] = seconds_figure(
             timings, variant, 1e3 / settings.steps, "ms", "platform step, elastic T, default augmentation")
     section.add_ratio("transform_consistency: elasticdeform / grid_sample step time",
                       "transform_consistency step (elasticdeform)", "transform_consistency step (grid_sample)",
-                      "step speed-up from swapping in the grid_sample deformation")
+                      "step speed-up of the library's grid_sample deformation over elasticdeform's")

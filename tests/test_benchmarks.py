@@ -288,6 +288,19 @@ def test_spline_matrix_interpolates_the_control_points():
     assert torch.allclose(matrix[[0, 4, 8]], torch.eye(3, dtype=torch.float64), atol=1e-12)
 
 
+def test_the_step_comparison_swaps_elasticdeform_in_and_restores_the_library():
+    import semiseg.methods.transform_consistency as method_module
+    from benchmarks.ema_elastic import elasticdeform_in_transform_consistency
+
+    assert method_module.elastic_deform is elastic_grid_sample.elastic_deform, "the library runs grid_sample"
+    with elasticdeform_in_transform_consistency():
+        assert method_module.elastic_deform is library_elastic.elastic_deform
+        assert method_module.elastic_deform_labels is library_elastic.elastic_deform_labels
+        assert method_module.deformed_valid_mask is library_elastic.deformed_valid_mask
+    assert method_module.elastic_deform is elastic_grid_sample.elastic_deform
+    assert method_module.deformed_valid_mask is elastic_grid_sample.deformed_valid_mask
+
+
 def test_grid_sample_elastic_rejects_a_mismatched_displacement():
     with pytest.raises(ValueError):
         elastic_grid_sample.elastic_deform(torch.zeros(2, 1, 8, 8), torch.zeros(3, 2, 3, 3))

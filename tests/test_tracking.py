@@ -99,3 +99,20 @@ def test_runs_of_trials_the_experiment_lost_are_closed_as_orphaned(tmp_path):
     assert status["kept"].info.status == "RUNNING" and "semiseg.status" not in status["kept"].data.tags
     assert status["done"].info.status == "FINISHED", "a finished run of a lost trial keeps its status"
     assert tracker.client.get_run(other_phase).info.status == "RUNNING", "other phases are not touched"
+
+
+def test_an_epoch_re_reported_after_a_retry_is_logged_once(tmp_path):
+    from types import SimpleNamespace
+
+    from semiseg.tune.callbacks import MlflowTrialCallback
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", artifact_root=tmp_path / "artifacts")
+    experiment = tracker.experiment_id("study")
+    parent = tracker.start_run(experiment, "study", {"semiseg.role": "study"})
+    callback = MlflowTrialCallback(tracker, experiment, parent, "study", "final", "phantom", max_epochs=4)
+    trial = SimpleNamespace(trial_id="t1", config={"method.name": "mean_teacher"})
+    for epoch, dice in [(1, 0.1), (2, 0.2), (3, 0.3), (3, 0.3), (4, 0.4)]:
+        callback.on_trial_result(0, [], trial, {"epoch": epoch, "val/dice": dice})
+    history = tracker.client.get_metric_history(callback.run_ids["t1"], "val/dice")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    assert callback.trial_status("t1") == "completed"

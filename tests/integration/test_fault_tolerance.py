@@ -91,7 +91,17 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(ray_local, mlfl
     client, _, children = study_runs(mlflow_store, "worker_kill")
     (child,) = children
     steps = _steps(client, child.info.run_id)
-    assert steps == [1, 2, 3, 4, 5], f"epochs were restarted after the retry: {steps}"
+    assert steps == [1, 2, 3, 4, 5], f"each epoch is logged once: {steps}"
+    (trial_folder,) = (tmp_path / "ray").glob("worker_kill-final/trial_*")
+    reported = _reported_epochs(trial_folder)
+    assert reported.count(1) == 1 and reported[-1] == 5, f"the retry restarted the trial: {reported}"
+    assert all(later >= earlier for earlier, later in zip(reported, reported[1:])), \
+        f"the retry went back more than the one epoch whose checkpoint was not yet registered: {reported}"
+
+
+def _reported_epochs(trial_folder: Path) -> list[int]:
+    lines = (trial_folder / "result.json").read_text().splitlines()
+    return [int(json.loads(line)["epoch"]) for line in lines if line.strip()]
 
 
 def _last_epoch(trial_folder: Path) -> int:

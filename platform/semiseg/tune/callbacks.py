@@ -73,12 +73,22 @@ class MlflowTrialCallback(Callback):
         self._run_for(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
-        """Log the epoch's metrics at step = epoch."""
+        """Log the epoch's metrics at step = epoch, once per epoch.
+
+        Tune hands a result to the callbacks before the trial's save of that epoch's
+        checkpoint has been registered; a trial process that dies in between is retried
+        from the checkpoint before, and re-reports that one epoch (exact resume: the same
+        metrics). The re-report is not logged again, so each step has one value.
+        """
         run_id = self._run_for(trial)
         epoch = int(result.get(METRIC_EPOCH, 0))
-        self.last_epoch[trial.trial_id] = epoch
         if result.get(METRIC_DIVERGED):
             self.diverged.add(trial.trial_id)
+        logged = self.last_epoch.get(trial.trial_id, 0)
+        self.last_epoch[trial.trial_id] = max(epoch, logged)
+        if epoch <= logged:
+            log.info("trial %s re-reported epoch %d after a retry; already logged", trial.trial_id, epoch)
+            return
         if run_id is not None:
             self.tracker.log_metrics(run_id, loggable_metrics(result), step=epoch)
 
