@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ class SearchSettings:
         grace_period, reduction_factor: ASHA's.
         max_concurrent: trials at once.
         tpe_seeds, random_seeds: seeds of the searches (the split and training seed stay 0).
+        reevaluation_seeds: fresh training seeds (1, 2, …) on which every search's chosen
+            configurations are trained again, as a study's final phase does.
     """
 
     config: dict[str, Any] = field(default_factory=lambda: dict(SEARCH_CONFIG))
@@ -94,6 +97,7 @@ class SearchSettings:
     max_concurrent: int = 2
     tpe_seeds: tuple[int, ...] = (0, 1, 2)
     random_seeds: tuple[int, ...] = (0, 1)
+    reevaluation_seeds: int = 3
 
     @classmethod
     def quick(cls) -> "SearchSettings":
@@ -101,7 +105,7 @@ class SearchSettings:
         config = {**SEARCH_CONFIG, "data.phantom_shape": "32x32x4", "data.phantom_cases": 12,
                   "data.num_validation": 2, "data.num_test": 2, "train.steps_per_epoch": 4, "model.width": 4}
         return cls(config=config, epochs=4, grid={"optim.lr": (1e-3, 1e-2), "method.consistency": (1.0,)},
-                   trials=2, tpe_startup=1, grace_period=1, tpe_seeds=(0,), random_seeds=())
+                   trials=2, tpe_startup=1, grace_period=1, tpe_seeds=(0,), random_seeds=(), reevaluation_seeds=1)
 
     @property
     def points(self) -> list[dict[str, float]]:
@@ -227,17 +231,53 @@ def landscape(reports: list[Report], points: dict[str, dict[str, float]], grid: 
             "rows": [[f"{row:g}", *[best.get((row, column)) for column in column_values]] for row in row_values]}
 
 
+def incumbent(reports: list[Report], points: dict[str, dict[str, float]], epochs: float
+              ) -> dict[str, float] | None:
+    """The point of the trial with the best validation Dice among the first ``epochs`` reports
+    (what the search would pick after spending that many epochs); None before the first report."""
+    within = reports[:int(epochs)]
+    if not within:
+        return None
+    return points[max(within, key=lambda report: report.val_dice).trial]
+
+
+def point_key(point: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    """A hashable, order-free form of a point."""
+    return tuple(sorted(point.items()))
+
+
+def per_point_scores(reports: list[Report], points: dict[str, dict[str, float]], keys: list[str]
+                     ) -> dict[tuple[tuple[str, float], ...], list[tuple[float, float | None]]]:
+    """Point (restricted to ``keys``) → (best val Dice, test Dice) of each of its trials."""
+    scores: dict[tuple[tuple[str, float], ...], list[tuple[float, float | None]]] = {}
+    for trial in sorted({r.trial for r in reports}):
+        own = [r for r in reports if r.trial == trial]
+        tests = [r.test_dice for r in own if r.test_dice is not None]
+        key = point_key({k: points[trial][k] for k in keys})
+        scores.setdefault(key, []).append((max(r.val_dice for r in own), tests[-1] if tests else None))
+    return scores
+
+
 def _study(name: str, settings: SearchSettings, sampler: str) -> Any:
     from semiseg.tune import Study
 
     base = dict(settings.config)
     if sampler == "grid":
         return Study(name=name, description="benchmark: grid", base=base, baselines=tuple(settings.points))
+
     startup = settings.tpe_startup if sampler == "tpe" else settings.trials
     return Study(name=name, description=f"benchmark: {sampler} + ASHA", base=base,
                  methods={base["method.name"]: settings.search_names}, num_samples=settings.trials,
                  grace_period=settings.grace_period, reduction_factor=settings.reduction_factor,
                  startup_trials=startup, seed_with_defaults=False)
+
+
+def _reevaluation_study(settings: SearchSettings, chosen: list[dict[str, float]]) -> Any:
+    """A fixed-configuration study of the chosen points on the fresh seeds 1 … ``reevaluation_seeds``."""
+    from semiseg.tune import Study
+
+    return Study(name="bench_search_reevaluation", description="benchmark: chosen configurations on fresh seeds",
+                 base=dict(settings.config), baselines=tuple(chosen), final_seeds=settings.reevaluation_seeds)
 
 
 def _argv(workdir: Path, settings: SearchSettings, sampler: str, seed: int) -> list[str]:
@@ -254,28 +294,82 @@ def _searches(settings: SearchSettings) -> list[tuple[str, str, int]]:
 
 
 def run(settings: SearchSettings, workdir: Path) -> Section:
-    """Run the grid and the searches and compare their best-so-far Dice per epoch spent."""
+    """Run the grid and the searches, compare their best-so-far Dice per epoch spent, then train
+    the configurations each would choose again on fresh seeds and compare those."""
     workdir.mkdir(parents=True, exist_ok=True)
     section = Section("Search efficiency: TPE + ASHA vs random + ASHA vs grid", settings.to_dict())
     start_ray(workdir)
+    experiments = workdir / "runs" / "ray"
+    keys = list(settings.grid)
     curves: dict[str, list[tuple[int, float]]] = {}
     grid_values: list[float] = []
+    grid_epochs = len(settings.points) * settings.epochs
+    choices: dict[str, dict[str, dict[str, float] | None]] = {}
     for label, sampler, seed in _searches(settings):
         study = _study(f"bench_search_{sampler}_{seed}", settings, sampler)
         _, wall = timed_study(study, _argv(workdir, settings, sampler, seed), workdir / "study.log")
-        experiments = workdir / "runs" / "ray"
         reports = read_reports(experiments, study.name)
+        points = trial_points(experiments, study.name, keys)
         curves[label] = anytime(reports)
+        choices[label] = {"share": incumbent(reports, points, EPOCH_SHARE * grid_epochs),
+                          "whole": incumbent(reports, points, len(reports))}
         section.figures[f"{label}: wall"] = Figure("s", [wall], "run_study of the whole search")
         section.figures[f"{label}: epochs spent"] = Figure("epochs", [float(len(reports))], "sum over trials")
         section.figures[f"{label}: best val Dice"] = Figure("Dice", [curves[label][-1][1]], "any trial, any epoch")
         section.extra[f"{label}: test Dice of the best finished trial"] = best_test(reports)
         if sampler == "grid":
-            section.extra["grid: best val Dice per point"] = landscape(
-                reports, trial_points(experiments, study.name, list(settings.grid)), settings.grid)
+            section.extra["grid: best val Dice per point"] = landscape(reports, points, settings.grid)
             grid_values = [max(r.val_dice for r in reports if r.trial == trial) for trial in {r.trial for r in reports}]
     _compare(section, settings, curves, grid_values)
+    _reevaluate(section, settings, workdir, choices)
     return section
+
+
+def _reevaluate(section: Section, settings: SearchSettings, workdir: Path,
+                choices: dict[str, dict[str, dict[str, float] | None]]) -> None:
+    """Train every chosen configuration on fresh seeds; check TPE's choices against the grid's."""
+    chosen = []
+    for picks in choices.values():
+        for point in picks.values():
+            if point is not None and point not in chosen:
+                chosen.append(point)
+    study = _reevaluation_study(settings, chosen)
+    _, wall = timed_study(study, _argv(workdir, settings, "grid", 0), workdir / "study.log")
+    experiments = workdir / "runs" / "ray"
+    reports = read_reports(experiments, study.name)
+    scores = per_point_scores(reports, trial_points(experiments, study.name, list(settings.grid)), list(settings.grid))
+    section.figures["re-evaluation: wall"] = Figure("s", [wall], f"{len(chosen)} chosen configurations x "
+                                                                 f"{settings.reevaluation_seeds} fresh seeds")
+
+    def mean_val(point: dict[str, float] | None) -> float | None:
+        runs = scores.get(point_key(point), []) if point is not None else []
+        return sum(val for val, _ in runs) / len(runs) if runs else None
+
+    def mean_test(point: dict[str, float] | None) -> float | None:
+        tests = [test for _, test in scores.get(point_key(point), [])] if point is not None else []
+        return sum(tests) / len(tests) if tests and None not in tests else None
+
+    rows = []
+    for label, picks in choices.items():
+        for moment, point in picks.items():
+            values = [val for val, _ in scores.get(point_key(point), [])] if point is not None else []
+            rows.append([label, "<= 25 % of the grid's epochs" if moment == "share" else "whole search",
+                         ", ".join(f"{key} {value:g}" for key, value in (point or {}).items()) or "-",
+                         mean_val(point), float(statistics.pstdev(values)) if len(values) > 1 else None,
+                         mean_test(point)])
+    section.extra[f"chosen configurations on {settings.reevaluation_seeds} fresh seeds (val Dice: best epoch)"] = {
+        "columns": ["search", "chosen after", "configuration", "mean val Dice", "std over seeds", "mean test Dice"],
+        "rows": rows}
+    grid_score = mean_val(choices["grid"]["whole"])
+    tpe = [label for label in choices if label.startswith("tpe")]
+    at_share = [mean_val(choices[label]["share"]) for label in tpe]
+    if grid_score is None or None in at_share:
+        return
+    section.checks.append(Check(
+        f"TPE + ASHA's choice with <= {EPOCH_SHARE:.0%} of the grid's epochs minus the grid's choice, both trained on "
+        f"{settings.reevaluation_seeds} fresh seeds (mean val Dice; median over {len(tpe)} sampler seeds)",
+        median(at_share) - grid_score, -DICE_TOLERANCE, ">=",
+        f"grid's choice {grid_score:.3f} on fresh seeds; TPE's {', '.join(f'{v:.3f}' for v in at_share)}"))
 
 
 def _compare(section: Section, settings: SearchSettings, curves: dict[str, list[tuple[int, float]]],

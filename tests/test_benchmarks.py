@@ -226,6 +226,21 @@ def test_grid_landscape_reads_each_trials_point_and_its_best_dice(tmp_path):
     assert table["rows"] == [["0.001", 0.4, None], ["0.01", 0.7, 0.1]]
 
 
+def test_incumbent_is_the_best_trial_within_the_epochs_spent_and_scores_group_by_point():
+    from benchmarks.search import Report, incumbent, per_point_scores, point_key
+
+    points = {"a": {"optim.lr": 0.01, "train.seed": 1.0}, "b": {"optim.lr": 0.001, "train.seed": 1.0},
+              "c": {"optim.lr": 0.01, "train.seed": 2.0}}
+    reports = [Report(1, "a", 1, 0.3, None), Report(2, "b", 1, 0.5, None), Report(3, "a", 2, 0.6, 0.55),
+               Report(4, "b", 2, 0.4, 0.35), Report(5, "c", 1, 0.2, None), Report(6, "c", 2, 0.7, 0.65)]
+    assert incumbent(reports, points, 0) is None
+    assert incumbent(reports, points, 2) == points["b"]
+    assert incumbent(reports, points, 4) == points["a"] and incumbent(reports, points, 6) == points["c"]
+    scores = per_point_scores(reports, points, ["optim.lr"])
+    assert scores[point_key({"optim.lr": 0.01})] == [(0.6, 0.55), (0.7, 0.65)]
+    assert scores[point_key({"optim.lr": 0.001})] == [(0.5, 0.35)]
+
+
 def test_search_settings_name_keys_the_study_can_search():
     from benchmarks.search import SearchSettings
     from semiseg.tune.space import resolve
