@@ -22,11 +22,20 @@ every study, so a search that lands on a grid point reproduces the grid's figure
 the trials' ``result.json`` files each search's best validation Dice so far is traced
 against the cumulative epochs spent (reports ordered by time). The grid's own curve
 depends on the order it ran in (ascending learning rate, its worst order), so the
-expected curve of the grid in a random order is given beside it. Target: TPE + ASHA
-within one Dice point (0.01) of the grid's best using at most 25 % of the grid's epochs.
-Each search is one draw: asynchronous ASHA and TPE's constant liar depend on the order in
-which results arrive, so even a fixed seed does not repeat a search exactly, hence the
-median over several sampler seeds. ASHA cannot spend fewer than ``trials × grace +
+expected curve of the grid in a random order is given beside it.
+
+Target: TPE + ASHA within one Dice point (0.01) of the grid's best using at most 25 % of
+the grid's epochs. On these 120-step trials one training seed moves a configuration's
+val Dice by about 0.05, so the single-seed maximum a search sees is mostly the luck of
+one draw (the grid's best point reached 0.784 with seed 0 and 0.710 on seeds 1–3). The
+section therefore also does what a study's final phase does: the configuration each
+search would choose (after 25 % of the grid's epochs, and at its end) is trained again
+on fresh seeds, and the check compares TPE's choices with the grid's on those. Both the
+single-seed and the fresh-seed checks are reported.
+
+Each search is one draw: asynchronous ASHA and TPE's constant liar depend on the order
+in which results arrive, so even a fixed seed does not repeat a search exactly, hence
+the median over several sampler seeds. ASHA cannot spend fewer than ``trials × grace +
 (max − grace)`` epochs if one trial is to finish (reported as its floor).
 """
 
