@@ -170,13 +170,21 @@ def best_within(curve: list[tuple[int, float]], epochs: float) -> float:
     return max(reached) if reached else 0.0
 
 
+def best_val_by_trial(reports: list[Report]) -> dict[str, float]:
+    """Each trial's best validation Dice over its reported epochs (the platform's selection metric)."""
+    best: dict[str, float] = {}
+    for report in reports:
+        best[report.trial] = max(best.get(report.trial, report.val_dice), report.val_dice)
+    return best
+
+
 def best_test(reports: list[Report]) -> float | None:
     """Test Dice of the trial with the best validation Dice among those that reached their last epoch."""
     finished = {r.trial: r for r in reports if r.test_dice is not None}
     if not finished:
         return None
-    best_val = {trial: max(r.val_dice for r in reports if r.trial == trial) for trial in finished}
-    return float(finished[max(best_val, key=best_val.get)].test_dice)
+    best_val = best_val_by_trial(reports)
+    return float(finished[max(finished, key=best_val.get)].test_dice)
 
 
 def asha_floor(trials: int, grace_period: int, max_epochs: int) -> int:
@@ -231,11 +239,11 @@ def landscape(reports: list[Report], points: dict[str, dict[str, float]], grid: 
               ) -> dict[str, Any]:
     """The grid's best validation Dice per point as a table: first key's values down, second key's across."""
     (row_key, row_values), (column_key, column_values) = list(grid.items())[:2]
-    best: dict[tuple[float, float], float] = {}
-    for report in reports:
-        point = points.get(report.trial, {})
+    best: dict[tuple[float | None, float | None], float] = {}
+    for trial, dice in best_val_by_trial(reports).items():
+        point = points.get(trial, {})
         cell = (point.get(row_key), point.get(column_key))
-        best[cell] = max(best.get(cell, 0.0), report.val_dice)
+        best[cell] = max(best.get(cell, dice), dice)
     return {"columns": [f"{row_key} \\ {column_key}", *[f"{value:g}" for value in column_values]],
             "rows": [[f"{row:g}", *[best.get((row, column)) for column in column_values]] for row in row_values]}
 
@@ -258,13 +266,22 @@ def point_key(point: dict[str, float]) -> tuple[tuple[str, float], ...]:
 def per_point_scores(reports: list[Report], points: dict[str, dict[str, float]], keys: list[str]
                      ) -> dict[tuple[tuple[str, float], ...], list[tuple[float, float | None]]]:
     """Point (restricted to ``keys``) → (best val Dice, test Dice) of each of its trials."""
+    tests = {r.trial: r.test_dice for r in reports if r.test_dice is not None}
     scores: dict[tuple[tuple[str, float], ...], list[tuple[float, float | None]]] = {}
-    for trial in sorted({r.trial for r in reports}):
-        own = [r for r in reports if r.trial == trial]
-        tests = [r.test_dice for r in own if r.test_dice is not None]
+    for trial, best_val in sorted(best_val_by_trial(reports).items()):
         key = point_key({k: points[trial][k] for k in keys})
-        scores.setdefault(key, []).append((max(r.val_dice for r in own), tests[-1] if tests else None))
+        scores.setdefault(key, []).append((best_val, tests.get(trial)))
     return scores
+
+
+def seed_summary(runs: list[tuple[float, float | None]]) -> tuple[float | None, float | None, float | None]:
+    """(mean val Dice, std of val Dice, mean test Dice) over a point's runs (None where undefined)."""
+    if not runs:
+        return None, None, None
+    vals = [val for val, _ in runs]
+    tests = [test for _, test in runs]
+    return (sum(vals) / len(vals), float(statistics.pstdev(vals)) if len(vals) > 1 else None,
+            sum(tests) / len(tests) if None not in tests else None)
 
 
 def _study(name: str, settings: SearchSettings, sampler: str) -> Any:
@@ -273,7 +290,6 @@ def _study(name: str, settings: SearchSettings, sampler: str) -> Any:
     base = dict(settings.config)
     if sampler == "grid":
         return Study(name=name, description="benchmark: grid", base=base, baselines=tuple(settings.points))
-
     startup = settings.tpe_startup if sampler == "tpe" else settings.trials
     return Study(name=name, description=f"benchmark: {sampler} + ASHA", base=base,
                  methods={base["method.name"]: settings.search_names}, num_samples=settings.trials,
@@ -289,11 +305,11 @@ def _reevaluation_study(settings: SearchSettings, chosen: list[dict[str, float]]
                  base=dict(settings.config), baselines=tuple(chosen), final_seeds=settings.reevaluation_seeds)
 
 
-def _argv(workdir: Path, settings: SearchSettings, sampler: str, seed: int) -> list[str]:
+def _argv(workdir: Path, settings: SearchSettings, searched: bool, seed: int) -> list[str]:
     argv = ["--storage-path", str(workdir / "runs"), "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
             "--max-concurrent", str(settings.max_concurrent), "--max-epochs", str(settings.epochs),
             "--seed", str(seed), "--set", "train.seed=0", "--set", "data.split_seed=0"]
-    return argv + ([] if sampler == "grid" else ["--skip-baselines"])
+    return argv + (["--skip-baselines"] if searched else [])
 
 
 def _searches(settings: SearchSettings) -> list[tuple[str, str, int]]:
@@ -316,7 +332,7 @@ def run(settings: SearchSettings, workdir: Path) -> Section:
     choices: dict[str, dict[str, dict[str, float] | None]] = {}
     for label, sampler, seed in _searches(settings):
         study = _study(f"bench_search_{sampler}_{seed}", settings, sampler)
-        _, wall = timed_study(study, _argv(workdir, settings, sampler, seed), workdir / "study.log")
+        _, wall = timed_study(study, _argv(workdir, settings, sampler != "grid", seed), workdir / "study.log")
         reports = read_reports(experiments, study.name)
         points = trial_points(experiments, study.name, keys)
         curves[label] = anytime(reports)
@@ -328,7 +344,7 @@ def run(settings: SearchSettings, workdir: Path) -> Section:
         section.extra[f"{label}: test Dice of the best finished trial"] = best_test(reports)
         if sampler == "grid":
             section.extra["grid: best val Dice per point"] = landscape(reports, points, settings.grid)
-            grid_values = [max(r.val_dice for r in reports if r.trial == trial) for trial in {r.trial for r in reports}]
+            grid_values = list(best_val_by_trial(reports).values())
     _compare(section, settings, curves, grid_values)
     _reevaluate(section, settings, workdir, choices)
     return section
@@ -343,35 +359,28 @@ def _reevaluate(section: Section, settings: SearchSettings, workdir: Path,
             if point is not None and point not in chosen:
                 chosen.append(point)
     study = _reevaluation_study(settings, chosen)
-    _, wall = timed_study(study, _argv(workdir, settings, "grid", 0), workdir / "study.log")
+    _, wall = timed_study(study, _argv(workdir, settings, False, 0), workdir / "study.log")
     experiments = workdir / "runs" / "ray"
     reports = read_reports(experiments, study.name)
     scores = per_point_scores(reports, trial_points(experiments, study.name, list(settings.grid)), list(settings.grid))
     section.figures["re-evaluation: wall"] = Figure("s", [wall], f"{len(chosen)} chosen configurations x "
                                                                  f"{settings.reevaluation_seeds} fresh seeds")
 
-    def mean_val(point: dict[str, float] | None) -> float | None:
-        runs = scores.get(point_key(point), []) if point is not None else []
-        return sum(val for val, _ in runs) / len(runs) if runs else None
-
-    def mean_test(point: dict[str, float] | None) -> float | None:
-        tests = [test for _, test in scores.get(point_key(point), [])] if point is not None else []
-        return sum(tests) / len(tests) if tests and None not in tests else None
+    def summary(point: dict[str, float] | None) -> tuple[float | None, float | None, float | None]:
+        return seed_summary(scores.get(point_key(point), []) if point is not None else [])
 
     rows = []
     for label, picks in choices.items():
         for moment, point in picks.items():
-            values = [val for val, _ in scores.get(point_key(point), [])] if point is not None else []
             rows.append([label, "<= 25 % of the grid's epochs" if moment == "share" else "whole search",
                          ", ".join(f"{key} {value:g}" for key, value in (point or {}).items()) or "-",
-                         mean_val(point), float(statistics.pstdev(values)) if len(values) > 1 else None,
-                         mean_test(point)])
+                         *summary(point)])
     section.extra[f"chosen configurations on {settings.reevaluation_seeds} fresh seeds (val Dice: best epoch)"] = {
         "columns": ["search", "chosen after", "configuration", "mean val Dice", "std over seeds", "mean test Dice"],
         "rows": rows}
-    grid_score = mean_val(choices["grid"]["whole"])
+    grid_score = summary(choices["grid"]["whole"])[0]
     tpe = [label for label in choices if label.startswith("tpe")]
-    at_share = [mean_val(choices[label]["share"]) for label in tpe]
+    at_share = [summary(choices[label]["share"])[0] for label in tpe]
     if grid_score is None or None in at_share:
         return
     section.checks.append(Check(

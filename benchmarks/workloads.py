@@ -23,7 +23,7 @@ from semiseg.data.phantom import generate_phantom
 from semiseg.data.prepared import PreparedData, prepare_split
 from semiseg.methods import Method, build_method
 from semiseg.train.loop import (LoopState, _build_context, _build_optimizers, _GradientSync, _memory_format,
-                                _train_epoch, apply_memory_format)
+                                _train_epoch, apply_memory_format, images_in_layout)
 
 ZERO_AUGMENT = {"train.augment_rotation_deg": 0.0, "train.augment_scale": 0.0, "train.augment_shift": 0.0,
                 "train.augment_noise_std": 0.0, "train.augment_intensity": 0.0}
@@ -221,6 +221,5 @@ def bare_step(cfg: ExperimentConfig, data: PreparedData, batches: list[dict[str,
     memory_format = _memory_format(cfg)
     if memory_format is not None:
         network = network.to(memory_format=memory_format)
-        batches = [{key: value.contiguous(memory_format=memory_format) if key.startswith("image") else value
-                    for key, value in batch.items()} for batch in batches]
+        batches = [images_in_layout(batch, memory_format) for batch in batches]
     return BareStep(network, batches, steps, cfg.optim.lr, cfg.optim.weight_decay)

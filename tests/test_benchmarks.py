@@ -241,6 +241,15 @@ def test_incumbent_is_the_best_trial_within_the_epochs_spent_and_scores_group_by
     assert scores[point_key({"optim.lr": 0.001})] == [(0.5, 0.35)]
 
 
+def test_seed_summary_is_mean_std_and_test_mean_over_a_points_runs():
+    from benchmarks.search import seed_summary
+
+    mean_val, std, mean_test = seed_summary([(0.6, 0.5), (0.8, 0.7)])
+    assert mean_val == pytest.approx(0.7) and std == pytest.approx(0.1) and mean_test == pytest.approx(0.6)
+    assert seed_summary([(0.6, None)]) == (0.6, None, None)
+    assert seed_summary([]) == (None, None, None)
+
+
 def test_search_settings_name_keys_the_study_can_search():
     from benchmarks.search import SearchSettings
     from semiseg.tune.space import resolve

@@ -174,6 +174,13 @@ def apply_memory_format(method: Method, cfg: ExperimentConfig) -> None:
             module.to(memory_format=memory_format)
 
 
+def images_in_layout(batch: Mapping[str, torch.Tensor], memory_format: torch.memory_format
+                     ) -> dict[str, torch.Tensor]:
+    """``batch`` with its images (``image*`` keys) in ``memory_format``; labels as they are."""
+    return {key: value.contiguous(memory_format=memory_format) if key.startswith("image") else value
+            for key, value in batch.items()}
+
+
 def _device(session: Session) -> torch.device:
     if torch.cuda.is_available():
         if isinstance(session, TrainSession):
@@ -268,8 +275,7 @@ def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, to
     memory_format = _memory_format(cfg)
     for index, batch in enumerate(sampler.epoch(state.epoch, steps, device)):
         if memory_format is not None:
-            batch = {k: v.contiguous(memory_format=memory_format) if k.startswith("image") else v
-                     for k, v in batch.items()}
+            batch = images_in_layout(batch, memory_format)
         epoch = state.epoch + index / steps
         factor = lr_factor(epoch, cfg.train.max_epochs, cfg.optim.warmup_epochs, cfg.optim.lr_schedule)
         for optimizer in optimizers.values():

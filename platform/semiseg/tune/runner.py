@@ -79,7 +79,7 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
     try:
         study = study.restricted_to(args.methods)
         base = resolve_base_config(study, args)
-        check_searches(study, base, args)
+        check_searches(study, args)
         layout_name = check_dataset(base, _baselines(study, args))
     except (DatasetError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -203,19 +203,23 @@ def _study_methods(study: Study, base: dict[str, Any]) -> list[str]:
     return methods + [str(b.get("method.name", base["method.name"])) for b in study.baselines]
 
 
-def check_searches(study: Study, base: dict[str, Any], args: StudyArgs) -> None:
-    """Build every search space once, so that a bad range or seed point fails before Ray starts.
+def check_searches(study: Study, args: StudyArgs) -> None:
+    """Build every method's search space once, so that a bad name, range or seed point fails
+    before Ray starts.
 
     Raises:
         ConfigError: a name a method does not declare, and see :func:`search_ranges` and
             :meth:`MethodSpace.default_point`.
     """
-    try:
-        searches = _searches(study, base, search_ranges(study, args))
-    except KeyError as error:
-        raise ConfigError(f"study {study.name}: {error.args[0]}") from None
-    for _, space, _ in searches:
-        if study.seed_with_defaults and hasattr(space, "default_point"):
+    ranges = search_ranges(study, args)
+    for method, names in study.methods.items():
+        if not names:
+            continue
+        try:
+            space = method_space(method, names, ranges)
+        except KeyError as error:
+            raise ConfigError(f"study {study.name}: {error.args[0]}") from None
+        if study.seed_with_defaults:
             space.default_point()
 
 
