@@ -16,7 +16,7 @@ def test_warping_probabilities_equals_warping_labels(dims):
     shape = (2, 16, 16) if dims == 2 else (2, 8, 16, 16)
     labels = torch.zeros(shape, dtype=torch.long)
     labels[(slice(None),) + tuple(slice(4, 12) for _ in range(dims))] = 1
-    theta = sample_affine(2, dims, AugmentSettings(rotation_deg=20, scale=0.1, shift=0.1), gen)
+    theta = sample_affine(2, dims, AugmentSettings(rotation_deg=20, scale=0.1, shift=0.1), gen, shape=shape[1:])
     warped_probs = warp(one_hot(labels, 2), theta)
     mask = valid_mask(warped_probs, theta).squeeze(1).bool()
     agree = (warped_probs.argmax(1) == warp_labels(labels, theta))[mask].float().mean()

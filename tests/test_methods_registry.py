@@ -40,7 +40,7 @@ CASES = [(name, dims) for name in method_names() for dims in (2, 3)]
 
 def _semi_progress(method) -> Progress:
     """Contrastive pretraining's unsupervised term lives in its pretraining stage."""
-    return _progress("pretrain") if method.params.get("pretrain_epochs", 0) > 0 else _progress()
+    return _progress("pretrain") if method.params.pretrain_epochs > 0 else _progress()
 
 
 def _build(name: str, dims: int):

@@ -10,6 +10,7 @@ aligned, and what transformation consistency needs to compare T(f(x)) with f(T(x
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +21,19 @@ import torch.nn.functional as F
 class AugmentSettings:
     """Ranges of the random augmentation.
 
+    Rotations are in the axial X–Y plane (tensor axes 2 and 3, the first two spatial
+    axes), in millimetres: with ``spacing`` and the grid shape, a disc stays a disc on an
+    anisotropic or non-square grid. Z (3D) gets only the scale and the shift.
+
     Attributes:
-        rotation_deg: rotations uniform in ±rotation_deg (in-plane for 3D).
-        scale: isotropic scale uniform in 1 ± scale.
-        shift: translation uniform in ±shift of the half-width (grid units).
+        rotation_deg: rotations uniform in ±rotation_deg, in the axial X–Y plane, in millimetres.
+        scale: isotropic scale (in mm) uniform in 1 ± scale.
+        shift: translation per axis uniform in ±2·shift of that axis' half-width
+            (normalised grid units, i.e. ±shift of the axis' width).
         noise_std: additive Gaussian noise σ (images are z-score normalised).
         intensity: multiplicative contrast and additive brightness uniform in ±intensity.
+        spacing: voxel size in mm along X, Y, Z of the grids that are warped (2D uses the
+            first two); the training loop passes the training data's median spacing.
     """
 
     rotation_deg: float = 15.0
@@ -33,29 +41,89 @@ class AugmentSettings:
     shift: float = 0.05
     noise_std: float = 0.1
     intensity: float = 0.1
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+
+def affine_from_parameters(angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                           shape: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
+    """Affine matrices for :func:`warp` from explicit parameters.
+
+    The rotation (in the X–Y plane of tensor axes 2 and 3) and the isotropic scale are
+    built in millimetres, each axis' half-extent being ``size * spacing / 2``, then
+    converted to :func:`torch.nn.functional.affine_grid`'s normalised coordinates, whose
+    order is reversed (its first row acts on the last tensor axis). Like ``affine_grid``
+    the matrix maps output positions to the input positions they sample.
+
+    Args:
+        angle: ``[B]`` rotation angles in radians.
+        scale: ``[B]`` isotropic scale factors (> 1 enlarges the content).
+        shift: ``[B, dims]`` translations in normalised units (fractions of each axis'
+            half-width), in tensor-axis order (X, Y[, Z]).
+        shape: the spatial shape ``(X, Y[, Z])`` of the tensors to warp.
+        spacing: voxel size in mm along X, Y, Z (only the first ``dims`` entries are used).
+
+    Returns:
+        ``[B, dims, dims + 1]`` float32 matrices for :func:`torch.nn.functional.affine_grid`.
+
+    Raises:
+        ValueError: ``shape`` is not 2D or 3D, or ``spacing`` has fewer entries than it.
+    """
+    dims = len(shape)
+    if dims not in (2, 3) or len(spacing) < dims:
+        raise ValueError(f"need a 2D or 3D shape and a spacing per axis, got shape {tuple(shape)} "
+                         f"and spacing {tuple(spacing)}")
+    batch = angle.shape[0]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # Output-to-input map in mm, tensor-axis order (X, Y[, Z]); the sign of the angle is
+    # such that a 2D square isotropic grid gets the same matrix as the former normalised one.
+    physical = torch.zeros(batch, dims, dims)
+    physical[:, 0, 0], physical[:, 0, 1] = cos, sin
+    physical[:, 1, 0], physical[:, 1, 1] = -sin, cos
+    if dims == 3:
+        physical[:, 2, 2] = 1.0 / scale
+    half = torch.tensor([float(n) * float(s) / 2.0 for n, s in zip(shape, spacing)])
+    # Normalised coordinates n_i = p_i / half_i: entry (i, j) scales by half_j / half_i.
+    normalised = physical * half[None, None, :] / half[None, :, None]
+    theta = torch.zeros(batch, dims, dims + 1)
+    order = list(reversed(range(dims)))  # affine_grid's (x, y, z) = (last axis, ..., first axis)
+    theta[:, :, :dims] = normalised[:, order][:, :, order]
+    theta[:, :, dims] = shift.float()[:, order]
+    return theta
 
 
 def sample_affine(batch: int, dims: int, settings: AugmentSettings, generator: torch.Generator | None,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+                  device: torch.device | str = "cpu", *, shape: Sequence[int]) -> torch.Tensor:
     """Sample ``batch`` random affine matrices in normalised grid coordinates.
+
+    Rotation in the axial X–Y plane and isotropic scale are in millimetres (see
+    :func:`affine_from_parameters`), using ``settings.spacing`` and ``shape``.
+
+    Args:
+        batch: number of matrices.
+        dims: 2 or 3.
+        settings: the ranges and the voxel spacing.
+        generator: torch generator (draws: angle, scale, then one shift per axis).
+        device: where the matrices go.
+        shape: spatial shape of the tensors they will warp (``images.shape[2:]``).
 
     Returns:
         ``[batch, dims, dims + 1]`` matrices for :func:`torch.nn.functional.affine_grid`.
+
+    Raises:
+        ValueError: ``shape`` does not have ``dims`` axes.
     """
+    if len(shape) != dims:
+        raise ValueError(f"shape {tuple(shape)} does not have {dims} spatial axes")
+
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(batch, generator=generator)
 
     angle = uniform(-1, 1) * math.radians(settings.rotation_deg)
     scale = 1.0 + uniform(-1, 1) * settings.scale
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.zeros(batch, dims, dims + 1)
-    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
-    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
-    if dims == 3:
-        theta[:, 2, 2] = 1.0 / scale
-    for axis in range(dims):
-        theta[:, axis, dims] = uniform(-1, 1) * settings.shift * 2
-    return theta.to(device)
+    # Shifts drawn in affine_grid's row order (last tensor axis first), as before.
+    shift_rows = torch.stack([uniform(-1, 1) * settings.shift * 2 for _ in range(dims)], dim=1)
+    shift = shift_rows.flip(1)
+    return affine_from_parameters(angle, scale, shift, shape, settings.spacing).to(device)
 
 
 def identity_affine(batch: int, dims: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -13,15 +13,88 @@ list of keys the method accepts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 SECTIONS = ("data", "model", "optim", "schedule", "train", "method")
 
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take: an interval, open or closed at each end.
+
+    Attributes:
+        low, high: the ends (None: unbounded on that side).
+        low_open, high_open: whether the end itself is excluded.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` is finite and inside the interval."""
+        if not math.isfinite(float(value)):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        """The interval in words: ``> 0``, ``in (0, 1)``, ``>= 1``, ``a finite number``."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"a finite number {'<' if self.high_open else '<='} {self.high:g}"
+        return "a finite number"
+
+
+FINITE = Bounds()
+POSITIVE = Bounds(0.0, low_open=True)
+NON_NEGATIVE = Bounds(0.0)
+AT_LEAST_ONE = Bounds(1.0)
+UNIT_OPEN = Bounds(0.0, 1.0, low_open=True, high_open=True)
+FRACTION = Bounds(0.0, 1.0, high_open=True)
+PROBABILITY = Bounds(0.0, 1.0)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_value(key: str, value: Any, bounds: Bounds | None = None, choices: Iterable[Any] | None = None) -> None:
+    """Refuse a value outside its bounds or choices, naming the key, the value and what is allowed.
+
+    Every float must be finite, bounds or not; booleans are not numbers here.
+
+    Raises:
+        ConfigError: ``"<key> = <value> is not allowed: it must be <what>"``.
+    """
+    if choices is not None:
+        allowed = list(choices)
+        if value not in allowed or (isinstance(value, bool) != any(isinstance(c, bool) for c in allowed)):
+            hint = did_you_mean(str(value), [str(c) for c in allowed]) if isinstance(value, str) else ""
+            raise ConfigError(f"{key} = {value!r} is not allowed: choose one of "
+                              f"{', '.join(str(c) for c in allowed)}{hint}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    bounds = bounds or FINITE
+    if not bounds.contains(value):
+        raise ConfigError(f"{key} = {value!r} is not allowed: it must be {bounds.describe()}")
 
 
 @dataclass
@@ -40,6 +113,8 @@ class DataConfig:
     samples in memory and streams the unlabelled ones from the cache through a shuffle
     buffer of ``stream_buffer_rows`` samples per worker, reading evaluation cases one at a
     time; ``auto`` streams when the unlabelled samples exceed ``memory_budget_mb``.
+    ``allow_absent_labels``: accept (with a warning) labels declared in ``dataset.json`` that
+    occur in no label file, which the study otherwise refuses (they would train to Dice 0).
     """
 
     dataset: str = "phantom"
@@ -64,6 +139,7 @@ class DataConfig:
     loader: str = "auto"
     memory_budget_mb: float = 2048.0
     stream_buffer_rows: int = 256
+    allow_absent_labels: bool = False
 
 
 @dataclass
@@ -118,6 +194,49 @@ class TrainConfig:
     evaluate_test: bool = True
     foreground_fraction: float = 0.33
     val_overlap: float = 0.5
+
+
+SETTING_BOUNDS: dict[str, Bounds] = {
+    "data.phantom_cases": Bounds(2.0),
+    "data.phantom_seed": NON_NEGATIVE,
+    "data.num_labelled": AT_LEAST_ONE,
+    "data.num_validation": AT_LEAST_ONE,
+    "data.num_test": NON_NEGATIVE,
+    "data.split_seed": NON_NEGATIVE,
+    "data.memory_budget_mb": POSITIVE,
+    "data.stream_buffer_rows": AT_LEAST_ONE,
+    "model.depth": Bounds(1.0, 8.0),
+    "model.width": AT_LEAST_ONE,
+    "model.dropout": FRACTION,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.grad_clip": NON_NEGATIVE,
+    "schedule.rampup_epochs": NON_NEGATIVE,
+    "train.max_epochs": AT_LEAST_ONE,
+    "train.steps_per_epoch": AT_LEAST_ONE,
+    "train.batch_size": AT_LEAST_ONE,
+    "train.labelled_per_batch": AT_LEAST_ONE,
+    "train.seed": NON_NEGATIVE,
+    "train.threads": AT_LEAST_ONE,
+    "train.val_batch_size": AT_LEAST_ONE,
+    "train.augment_rotation_deg": Bounds(0.0, 180.0),
+    "train.augment_scale": FRACTION,
+    "train.augment_shift": PROBABILITY,
+    "train.augment_noise_std": NON_NEGATIVE,
+    "train.augment_intensity": FRACTION,
+    "train.foreground_fraction": PROBABILITY,
+    "train.val_overlap": FRACTION,
+}
+"""The values each numeric setting may take (checked as it is set; every float must be finite).
+Names chosen from registries (models, optimisers, normalisations, ...) are checked by
+:func:`semiseg.train.checks.check_config`, which knows the registries."""
+
+SETTING_CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.dims": (2, 3),
+    "data.image_order": (1, 3),
+}
+"""Settings with a fixed set of values that no registry owns."""
 
 
 @dataclass
@@ -179,41 +298,65 @@ class ExperimentConfig:
         Raises:
             ConfigError: see :meth:`from_flat`.
         """
-        from semiseg.methods.registry import method_defaults
-
         items = dict(flat)
         if "method.name" in items:
             name = str(items.pop("method.name"))
-            self.method = {"name": name, **method_defaults(name)}
+            self.method = {"name": name, **_method_hparams(name)[1]}
         elif len(self.method) == 1:
-            self.method = {"name": self.method["name"], **method_defaults(self.method["name"])}
+            self.method = {"name": self.method["name"], **_method_hparams(self.method["name"])[1]}
         for key, value in items.items():
             section, _, name = key.partition(".")
             if section not in SECTIONS or not name:
-                raise ConfigError(f"unknown configuration key {key!r}: keys are <section>.<name> "
-                                  f"with section one of {', '.join(SECTIONS)}")
+                raise ConfigError(f"unknown configuration key {key!r}{did_you_mean(key, self._known_keys())}: "
+                                  f"keys are <section>.<name> with section one of {', '.join(SECTIONS)}")
             if section == "method":
                 self._set_method_param(name, value)
             else:
                 self._set_field(section, name, value)
         return self
 
+    def _known_keys(self) -> list[str]:
+        keys = [f"{section}.{f.name}" for section in SECTIONS[:-1] for f in dataclasses.fields(getattr(self, section))]
+        return keys + [f"method.{name}" for name in self.method]
+
     def _set_field(self, section: str, name: str, value: Any) -> None:
         target = getattr(self, section)
         fields = {f.name: f for f in dataclasses.fields(target)}
+        key = f"{section}.{name}"
         if name not in fields:
-            raise ConfigError(f"unknown key '{section}.{name}'; {section} has: "
+            raise ConfigError(f"unknown key '{key}'{did_you_mean(key, self._known_keys())}; {section} has: "
                               f"{', '.join(sorted(fields))}")
         current = getattr(target, name)
-        setattr(target, name, coerce(value, type(current), f"{section}.{name}"))
+        converted = coerce(value, type(current), key)
+        check_value(key, converted, SETTING_BOUNDS.get(key), SETTING_CHOICES.get(key))
+        setattr(target, name, converted)
 
     def _set_method_param(self, name: str, value: Any) -> None:
         defaults = {k: v for k, v in self.method.items() if k != "name"}
         if name not in defaults:
-            raise ConfigError(f"unknown key 'method.{name}' for method '{self.method['name']}'; "
-                              f"it has: {', '.join(sorted(defaults)) or '(no hyperparameters)'}")
-        default = defaults[name]
-        self.method[name] = coerce(value, type(default), f"method.{name}")
+            raise ConfigError(f"unknown key 'method.{name}'{did_you_mean(f'method.{name}', self._known_keys())} for method "
+                              f"'{self.method['name']}'; it has: {', '.join(sorted(defaults)) or '(no hyperparameters)'}")
+        key = f"method.{name}"
+        declared = _method_hparams(self.method["name"])[0][name]
+        converted = coerce(value, type(defaults[name]), key)
+        check_value(key, converted, declared.bounds, declared.choices)
+        self.method[name] = converted
+
+
+def _method_hparams(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(declarations, defaults) of method ``name``'s hyperparameters.
+
+    Raises:
+        ConfigError: no method is registered under ``name``.
+    """
+    from semiseg.methods.registry import method_hparams, method_names
+
+    names = method_names()
+    if name not in names:
+        raise ConfigError(f"method.name = {name!r} is not allowed: choose one of {', '.join(names)}"
+                          f"{did_you_mean(name, names)}")
+    declared = method_hparams(name)
+    return declared, {key: hparam.default for key, hparam in declared.items()}
 
 
 def coerce(value: Any, target: type, key: str) -> Any:
@@ -239,16 +382,20 @@ def coerce(value: Any, target: type, key: str) -> Any:
                 if lowered in {"0", "false", "no", "off"}:
                     return False
                 raise ValueError(value)
+            if value not in (0, 1):
+                raise ValueError(value)
             return bool(value)
         if target is int:
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or (isinstance(number, float) and not number.is_integer()):
                 raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) else int(value)
+            return int(number)
         if target is float:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: cannot use {value!r} as {target.__name__}") from None
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(target, target.__name__)
+        raise ConfigError(f"{key} = {value!r} is not allowed: it must be {kind}") from None
 
 
 def parse_override(text: str) -> tuple[str, str]:

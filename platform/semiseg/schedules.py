@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 RAMPUP_SHAPES = ("sigmoid", "linear", "cosine", "none")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def rampup(epoch: float, rampup_epochs: float, shape: str = "sigmoid") -> float:
@@ -65,7 +66,7 @@ def lr_factor(epoch: float, max_epochs: float, warmup_epochs: float, schedule: s
     Raises:
         ValueError: unknown schedule.
     """
-    if schedule not in ("constant", "cosine"):
+    if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {schedule!r}; use constant or cosine")
     if warmup_epochs > 0 and epoch < warmup_epochs:
         return max(epoch / warmup_epochs, 1e-3)

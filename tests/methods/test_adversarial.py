@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import pytest
@@ -115,7 +117,7 @@ def test_training_step_routes_each_objective_to_its_own_network(dims):
 
 def _main_objective(method, batch: dict, weight: float) -> torch.Tensor:
     """The ``main`` objective with a given adversarial weight, with every random draw replayed."""
-    method.params["adversarial_weight"] = weight
+    method.params = replace(method.params, adversarial_weight=weight)
     method.generator.manual_seed(5)
     torch.manual_seed(5)
     return method.training_step(batch, _progress()).objectives["main"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import pytest
@@ -41,7 +43,7 @@ def _batch(dims: int) -> dict[str, torch.Tensor]:
 
 def _objective(method, batch: dict, weight: float) -> torch.Tensor:
     """The main objective with a given embedding weight, with every random draw replayed."""
-    method.params["embedding_weight"] = weight
+    method.params = replace(method.params, embedding_weight=weight)
     method.generator.manual_seed(5)
     torch.manual_seed(5)
     return method.training_step(batch, Progress(step=0, epoch=0.0, max_epochs=1)).objectives["main"]

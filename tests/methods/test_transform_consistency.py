@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -11,8 +13,8 @@ from semiseg.components.elastic import (deformed_valid_mask, elastic_deform, ela
                                         elastic_deform_pair, sample_displacement)
 from semiseg.losses import one_hot, symmetric_kl_divergence
 from semiseg.methods import BuildContext, Progress, build_method
-from semiseg.methods.transform_consistency import (SampledTransform, probability_divergence, sample_transform,
-                                                   shift_affine)
+from semiseg.methods.transform_consistency import (SampledTransform, TransformConsistencyParams, probability_divergence,
+                                                   sample_transform, shift_affine)
 
 END = Progress(step=0, epoch=0.0, max_epochs=1)
 
@@ -129,7 +131,7 @@ def test_transformed_prediction_equals_prediction_of_transformed_input_for_an_eq
 
 def test_noise_transform_leaves_probabilities_and_labels_and_clips_images():
     images = torch.rand(2, 1, 8, 8)
-    transform = sample_transform("noise", images, {"noise_std": 0.5}, AugmentSettings(),
+    transform = sample_transform("noise", images, TransformConsistencyParams(noise_std=0.5), AugmentSettings(),
                                  torch.Generator().manual_seed(0))
     noisy = transform.images(images)
     assert not torch.equal(noisy, images)
@@ -137,7 +139,7 @@ def test_noise_transform_leaves_probabilities_and_labels_and_clips_images():
     probs = torch.rand(2, 2, 8, 8)
     assert transform.probs(probs) is probs and transform.mask(probs) is None
     with pytest.raises(ValueError):
-        sample_transform("flip", images, {}, AugmentSettings(), None)
+        sample_transform("flip", images, TransformConsistencyParams(), AugmentSettings(), None)
 
 
 def test_consistency_is_near_zero_for_a_pointwise_network_on_a_smooth_image():
@@ -148,7 +150,7 @@ def test_consistency_is_near_zero_for_a_pointwise_network_on_a_smooth_image():
     smooth = (grid[:, None] + grid[None, :]).expand(2, 1, 16, 16)
     batch = {"image_l": smooth, "label_l": (smooth[:, 0] > 0).long(), "image_u": smooth.flip(-1)}
     aligned = float(method.training_step(batch, END).logs["loss_cons"])
-    method.params["divergence"] = "mse"
+    method.params = replace(method.params, divergence="mse")
     assert aligned < 1e-3
     assert float(method.training_step(batch, END).logs["loss_cons"]) < 1e-3
 

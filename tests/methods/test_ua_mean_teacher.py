@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import pytest
@@ -150,7 +152,7 @@ def test_consistency_covers_only_the_unlabelled_images_by_default():
     del batch["image_u"]
     output = method.training_step(batch, END)
     assert float(output.logs["loss_cons"]) == 0.0 and torch.isfinite(output.objectives["main"])
-    method.params["cons_on"] = "all"
+    method.params = replace(method.params, cons_on="all")
     assert float(method.training_step(batch, END).logs["loss_cons"]) > 0
 
 

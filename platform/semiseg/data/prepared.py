@@ -55,6 +55,12 @@ class PreparedData:
         class_ids: label values including background (0).
         in_channels: image channels.
         split: the case-level split these arrays came from.
+        unlabelled_stream: where the unlabelled samples are streamed from, or None.
+        training_spacing: median voxel size in mm (X, Y, Z) of the split's labelled
+            training cases after preprocessing: the target spacing when
+            ``data.target_spacing`` is set; otherwise cases keep their own spacing and this
+            is the per-axis median of theirs (the training samples are on their grids). The
+            augmentation rotates in millimetres with it.
     """
 
     labelled_images: np.ndarray
@@ -66,6 +72,7 @@ class PreparedData:
     in_channels: int
     split: Split
     unlabelled_stream: StreamSpec | None = None
+    training_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @property
     def num_unlabelled(self) -> int:
@@ -163,7 +170,8 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
     evaluation = {role: [_eval_case(case) for case in load(getattr(split, role))]
                   for role in ("validation", "test")}
     return PreparedData(images[:len(labels_l)], labels_l, images[len(labels_l):], evaluation["validation"],
-                        evaluation["test"], tuple(layout.class_ids), layout.num_channels, split)
+                        evaluation["test"], tuple(layout.class_ids), layout.num_channels, split,
+                        training_spacing=median_spacing(labelled))
 
 
 def _streamed_split(layout: DatasetLayout, split: Split, dims: int, dataset: CachedDataset,
@@ -179,7 +187,15 @@ def _streamed_split(layout: DatasetLayout, split: Split, dims: int, dataset: Cac
     stream = StreamSpec(dataset.path, tuple(split.unlabelled), sample_shape, buffer_rows)
     return PreparedData(images, labels.astype(np.int64), empty, LazyCases(dataset, split.validation, _eval_case),
                         LazyCases(dataset, split.test, _eval_case), tuple(layout.class_ids), layout.num_channels,
-                        split, unlabelled_stream=stream)
+                        split, unlabelled_stream=stream, training_spacing=median_spacing(labelled))
+
+
+def median_spacing(cases: Sequence[PreprocessedCase]) -> tuple[float, float, float]:
+    """Per-axis median voxel size in mm of ``cases`` (preprocessed); (1, 1, 1) when there are none."""
+    if not cases:
+        return (1.0, 1.0, 1.0)
+    median = np.median(np.asarray([case.spacing for case in cases], dtype=np.float64), axis=0)
+    return (float(median[0]), float(median[1]), float(median[2]))
 
 
 def _preprocess_in_memory(layout: DatasetLayout, case_id: str, settings: PreprocessSettings) -> PreprocessedCase:

@@ -23,15 +23,29 @@ expressible).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
 from semiseg.components.discriminator import Discriminator, discriminator_loss, fooling_loss
+from semiseg.config import AT_LEAST_ONE, NON_NEGATIVE, Bounds
 from semiseg.losses import supervised_loss
-from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
+
+
+@dataclass(frozen=True)
+class AdversarialParams(MethodParams):
+    """Hyperparameters of the adversarial method (the discriminator's size is not from the paper)."""
+
+    adversarial_weight: float = hparam(0.1, low=0.001, high=1.0, log=True, bounds=NON_NEGATIVE,
+                                       help="weight of the segmenter's adversarial term after ramp-up")
+    disc_width: int = hparam(32, bounds=AT_LEAST_ONE,
+                             help="channels of the discriminator's first convolution (not from the paper)")
+    disc_depth: int = hparam(3, bounds=Bounds(1.0, 8.0),
+                             help="stride-2 convolutions of the discriminator (not from the paper)")
 
 
 @register_method
@@ -39,21 +53,17 @@ class Adversarial(Method):
     """Segmenter trained on labels and to fool a discriminator on unlabelled images."""
 
     name = "adversarial"
-    hparams = {
-        "adversarial_weight": HParam(0.1, low=0.001, high=1.0, log=True,
-                                     help="weight of the segmenter's adversarial term after ramp-up"),
-        "disc_width": HParam(32, help="channels of the discriminator's first convolution (not from the paper)"),
-        "disc_depth": HParam(3, help="stride-2 convolutions of the discriminator (not from the paper)"),
-    }
+    Params = AdversarialParams
+    params: AdversarialParams
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: AdversarialParams) -> None:
         super().__init__(context, params)
         self.trained["student"] = context.build_network()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed * 1000 + 1)
             discriminator = Discriminator(dims=context.dims, in_channels=context.in_channels,
-                                          num_classes=context.num_classes, width=int(self.params["disc_width"]),
-                                          depth=int(self.params["disc_depth"]))
+                                          num_classes=context.num_classes, width=params.disc_width,
+                                          depth=params.disc_depth)
         self.trained["discriminator"] = discriminator.to(context.device)
 
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -66,7 +76,8 @@ class Adversarial(Method):
         images_l, labels_l = batch["image_l"], batch["label_l"]
         images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
         context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device)
+        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
+                              shape=images.shape[2:])
         inputs = perturb_intensity(warp(images, theta), context.augment, self.generator)
         logits = self.trained["student"](inputs)
         n_l = images_l.shape[0]
@@ -79,7 +90,7 @@ class Adversarial(Method):
         detached = probs.detach()
         loss_disc = discriminator_loss(discriminator(inputs[:n_l], detached[:n_l]),
                                        discriminator(inputs[n_l:], detached[n_l:]))
-        weight = self.cons_weight(progress, float(self.params["adversarial_weight"]))
+        weight = self.cons_weight(progress, self.params.adversarial_weight)
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons, "discriminator": loss_disc},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
                                 "loss_disc": loss_disc.detach(), "cons_weight": weight},

@@ -14,6 +14,8 @@ A method is a class registered under its file's name (see
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -21,20 +23,28 @@ import torch
 from torch import nn
 
 from semiseg.augment import AugmentSettings
+from semiseg.config import NON_NEGATIVE, Bounds, check_value
 from semiseg.models import build_model
+
+HPARAM_METADATA = "semiseg.hparam"
 
 
 @dataclass(frozen=True)
 class HParam:
-    """A method hyperparameter: its default and its default search range.
+    """A method hyperparameter: its default, the values it may take and its default search range.
 
     Attributes:
         default: value used when a study does not set it (from the method's paper).
         low, high: numeric search range (inclusive).
         log: search on a log scale.
         complement: search ``1 - value`` on a log scale (EMA decays: 0.9 … 0.9999).
-        choices: categorical search values.
+        choices: the values a categorical hyperparameter may take (and its search values).
+        bounds: the values a numeric hyperparameter may take at all (e.g. a decay in (0, 1));
+            checked when a configuration sets it, and the search range must lie inside.
         help: one line shown in ``--help-method`` and the docs.
+
+    Raises:
+        ValueError: a declaration whose default or search range breaks its own bounds or choices.
     """
 
     default: Any
@@ -43,7 +53,14 @@ class HParam:
     log: bool = False
     complement: bool = False
     choices: Sequence[Any] | None = None
+    bounds: Bounds | None = None
     help: str = ""
+
+    def __post_init__(self) -> None:
+        check_value("default", self.default, self.bounds, self.choices)
+        if self.choices is None and self.low is not None and self.high is not None:
+            for end in (self.low, self.high):
+                check_value("search range end", end, self.bounds)
 
     @property
     def searchable(self) -> bool:
@@ -51,11 +68,46 @@ class HParam:
         return self.choices is not None or (self.low is not None and self.high is not None)
 
 
-COMMON_HPARAMS: dict[str, HParam] = {
-    "pretrain_epochs": HParam(0, low=0, high=20,
-                              help="epochs of supervised (or the method's own pretext) pretraining before the "
-                                   "semi-supervised stage, inside the same trial (Bortsova reproduction: 0, 25, 120)"),
-}
+def hparam(default: Any, *, low: float | None = None, high: float | None = None, log: bool = False,
+           complement: bool = False, choices: Sequence[Any] | None = None, bounds: Bounds | None = None,
+           help: str = "") -> Any:
+    """A field of a method's parameter dataclass, declared with its :class:`HParam`.
+
+    Example: ``consistency: float = hparam(1.0, low=0.1, high=30.0, log=True, bounds=NON_NEGATIVE)``.
+    """
+    declaration = HParam(default, low=low, high=high, log=log, complement=complement, choices=choices,
+                         bounds=bounds, help=help)
+    return field(default=default, metadata={HPARAM_METADATA: declaration})
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Hyperparameters every method has; each method's own dataclass extends it."""
+
+    pretrain_epochs: int = hparam(0, low=0, high=20, bounds=NON_NEGATIVE,
+                                  help="epochs of supervised (or the method's own pretext) pretraining before the "
+                                       "semi-supervised stage, inside the same trial (Bortsova reproduction: 0, 25, "
+                                       "120)")
+
+
+def declared_hparams(params_type: type[MethodParams]) -> dict[str, HParam]:
+    """The :class:`HParam` of every field of a method's parameter dataclass, in declaration order.
+
+    Raises:
+        TypeError: a field declared without :func:`hparam`, or whose default is not of its type.
+    """
+    hints = typing.get_type_hints(params_type)
+    declared: dict[str, HParam] = {}
+    for item in dataclasses.fields(params_type):
+        if HPARAM_METADATA not in item.metadata:
+            raise TypeError(f"{params_type.__name__}.{item.name} is not declared with hparam()")
+        declaration = item.metadata[HPARAM_METADATA]
+        expected = hints[item.name]
+        if type(declaration.default) is not expected:
+            raise TypeError(f"{params_type.__name__}.{item.name}: default {declaration.default!r} is not "
+                            f"{getattr(expected, '__name__', expected)}")
+        declared[item.name] = declaration
+    return declared
 
 
 @dataclass(frozen=True)
@@ -120,8 +172,9 @@ class BuildContext:
 class Method:
     """Base of the registered methods: storage of networks and the common plumbing.
 
-    Subclasses set ``name``, ``hparams`` and ``uses_unlabelled`` and implement
-    ``training_step``. Under several workers the loop wraps the networks named in
+    Subclasses set ``name``, ``Params`` (a frozen dataclass extending :class:`MethodParams`
+    whose fields are declared with :func:`hparam`; the method receives it already checked,
+    as ``self.params``) and ``uses_unlabelled``, and implement ``training_step``. Under several workers the loop wraps the networks named in
     ``segmenters`` in ``DistributedDataParallel`` (with ``find_unused_parameters`` when
     ``ddp_find_unused_parameters``: a step leaves part of a network out) and averages the
     gradients of the other trained modules (discriminators, projection heads) itself, so
@@ -130,14 +183,14 @@ class Method:
     """
 
     name: ClassVar[str] = ""
-    hparams: ClassVar[dict[str, HParam]] = {}
+    Params: ClassVar[type[MethodParams]] = MethodParams
     uses_unlabelled: ClassVar[bool] = True
     segmenters: ClassVar[tuple[str, ...]] = ("student",)
     ddp_find_unused_parameters: ClassVar[bool] = False
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: MethodParams) -> None:
         self.context = context
-        self.params = dict(params)
+        self.params = params
         self.trained: dict[str, nn.Module] = {}
         self.frozen: dict[str, nn.Module] = {}
         self.generator = torch.Generator().manual_seed(context.seed)

@@ -21,15 +21,26 @@ whole ``student``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, warp
 from semiseg.components.contrastive import ProjectionHead, nt_xent_loss, unet_bottleneck
-from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.config import AT_LEAST_ONE, POSITIVE
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
 from semiseg.methods.supervised import augmented_supervised_loss
+
+
+@dataclass(frozen=True)
+class ContrastivePretrainParams(MethodParams):
+    """Hyperparameters of contrastive pretraining (the pretraining length is ``pretrain_epochs``)."""
+
+    temperature: float = hparam(0.1, low=0.05, high=0.5, log=True, bounds=POSITIVE,
+                                help="τ of the NT-Xent loss (paper: 0.1)")
+    projection_dim: int = hparam(64, bounds=AT_LEAST_ONE, help="output dimension of the projection head g")
 
 
 @register_method
@@ -37,21 +48,19 @@ class ContrastivePretrain(Method):
     """Encoder pretrained with the global NT-Xent loss, then supervised fine-tuning."""
 
     name = "contrastive_pretrain"
-    hparams = {
-        "temperature": HParam(0.1, low=0.05, high=0.5, log=True, help="τ of the NT-Xent loss (paper: 0.1)"),
-        "projection_dim": HParam(64, help="output dimension of the projection head g"),
-    }
+    Params = ContrastivePretrainParams
+    params: ContrastivePretrainParams
     segmenters = ("student",)
     ddp_find_unused_parameters = True
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: ContrastivePretrainParams) -> None:
         super().__init__(context, params)
         student = context.build_network()
         self.trained["student"] = student
         channels = int(self.context.model["width"]) * 2 ** int(self.context.model["depth"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed * 1000 + 1)
-            head = ProjectionHead(channels, int(self.params["projection_dim"]))
+            head = ProjectionHead(channels, params.projection_dim)
         self.trained["projection"] = head.to(context.device)
 
     def pretrain_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
@@ -60,7 +69,7 @@ class ContrastivePretrain(Method):
         views = torch.cat([self._augment(images), self._augment(images)])
         projections = self.trained["projection"](unet_bottleneck(self.trained["student"], views))
         z1, z2 = projections.chunk(2)
-        loss = nt_xent_loss(z1, z2, float(self.params["temperature"]))
+        loss = nt_xent_loss(z1, z2, self.params.temperature)
         return StepOutput(objectives={"main": loss}, logs={"loss_cons": loss.detach()}, unsupervised=loss)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
@@ -71,5 +80,6 @@ class ContrastivePretrain(Method):
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         """One random affine + intensity view of ``images``."""
         context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device)
+        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
+                              shape=images.shape[2:])
         return perturb_intensity(warp(images, theta), context.augment, self.generator)

@@ -26,17 +26,33 @@ detached. Validation uses net1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
 from semiseg.components.pseudo_labels import PSEUDO_LOSSES, cross_pseudo_supervision_loss
+from semiseg.config import NON_NEGATIVE
 from semiseg.losses import soft_dice_loss, supervised_loss
-from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
 
 CPS_TARGETS = ("unlabelled", "all")
+
+
+@dataclass(frozen=True)
+class CrossPseudoSupervisionParams(MethodParams):
+    """Hyperparameters of CPS (defaults: the paper's VOC setting)."""
+
+    consistency: float = hparam(1.5, low=0.1, high=10.0, log=True, bounds=NON_NEGATIVE,
+                                help="weight λ of the CPS term after ramp-up (paper: 1.5 VOC, 6 Cityscapes)")
+    cps_on: str = hparam("all", choices=CPS_TARGETS,
+                         help="images the CPS term covers (paper: labelled and unlabelled)")
+    pseudo_loss: str = hparam("ce", choices=PSEUDO_LOSSES,
+                              help="loss on pseudo-labels: ce, or lovasz (CE + Lovász-softmax)")
+    adaptive_weight: bool = hparam(False, choices=(False, True),
+                                   help="ALW: also weight the CPS term by the previous epoch's supervised Dice")
 
 
 @register_method
@@ -45,23 +61,11 @@ class CrossPseudoSupervision(Method):
 
     name = "cross_pseudo_supervision"
     segmenters = ("net1", "net2")
-    hparams = {
-        "consistency": HParam(1.5, low=0.1, high=10.0, log=True,
-                              help="weight λ of the CPS term after ramp-up (paper: 1.5 VOC, 6 Cityscapes)"),
-        "cps_on": HParam("all", choices=CPS_TARGETS,
-                         help="images the CPS term covers (paper: labelled and unlabelled)"),
-        "pseudo_loss": HParam("ce", choices=PSEUDO_LOSSES,
-                              help="loss on pseudo-labels: ce, or lovasz (CE + Lovász-softmax)"),
-        "adaptive_weight": HParam(False, choices=(False, True),
-                                  help="ALW: also weight the CPS term by the previous epoch's supervised Dice"),
-    }
+    Params = CrossPseudoSupervisionParams
+    params: CrossPseudoSupervisionParams
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: CrossPseudoSupervisionParams) -> None:
         super().__init__(context, params)
-        if self.params["cps_on"] not in CPS_TARGETS:
-            raise ValueError(f"cps_on must be one of {CPS_TARGETS}, got {self.params['cps_on']!r}")
-        if self.params["pseudo_loss"] not in PSEUDO_LOSSES:
-            raise ValueError(f"pseudo_loss must be one of {PSEUDO_LOSSES}, got {self.params['pseudo_loss']!r}")
         self.trained["net1"] = context.build_network(seed_offset=0)
         self.trained["net2"] = context.build_network(seed_offset=1)
         self.previous_dice: float | None = None
@@ -71,7 +75,8 @@ class CrossPseudoSupervision(Method):
         images_l, labels_l = batch["image_l"], batch["label_l"]
         images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
         context, n_l = self.context, images_l.shape[0]
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device)
+        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
+                              shape=images.shape[2:])
         augmented = perturb_intensity(warp(images, theta), context.augment, self.generator)
         labels = warp_labels(labels_l, theta[:n_l])
         logits1, logits2 = self.trained["net1"](augmented), self.trained["net2"](augmented)
@@ -79,9 +84,9 @@ class CrossPseudoSupervision(Method):
                     + supervised_loss(context.supervised_loss, logits2[:n_l], labels))
         with torch.no_grad():
             dice = 1.0 - 0.5 * (soft_dice_loss(logits1[:n_l], labels) + soft_dice_loss(logits2[:n_l], labels))
-        start = n_l if self.params["cps_on"] == "unlabelled" else 0
+        start = n_l if self.params.cps_on == "unlabelled" else 0
         loss_cons = self._cps_loss(logits1[start:], logits2[start:])
-        weight = self.cons_weight(progress, float(self.params["consistency"])) * self.adaptive_factor(dice)
+        weight = self.cons_weight(progress, self.params.consistency) * self.adaptive_factor(dice)
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
                                 "cons_weight": weight, "dice_sup": dice},
@@ -91,7 +96,7 @@ class CrossPseudoSupervision(Method):
         """CPS term on the selected images; zero (attached to the graph) when there are none."""
         if logits1.shape[0] == 0:
             return (logits1.float().sum() + logits2.float().sum()) * 0.0
-        return cross_pseudo_supervision_loss(logits1, logits2, str(self.params["pseudo_loss"]))
+        return cross_pseudo_supervision_loss(logits1, logits2, self.params.pseudo_loss)
 
     def adaptive_factor(self, current_dice: torch.Tensor | float) -> float:
         """ALW factor: the previous epoch's mean supervised Dice, or 1 without ``adaptive_weight``.
@@ -102,7 +107,7 @@ class CrossPseudoSupervision(Method):
         Returns:
             The factor multiplying the CPS weight.
         """
-        if not self.params["adaptive_weight"]:
+        if not self.params.adaptive_weight:
             return 1.0
         return self.previous_dice if self.previous_dice is not None else float(current_dice)
 

@@ -24,17 +24,40 @@ prior on unlabelled pixels is detached.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, valid_mask, warp, warp_labels
 from semiseg.components.embedding import DISTANCES, SAMPLING_STRATEGIES, random_feature_embedding_loss
+from semiseg.config import NON_NEGATIVE, POSITIVE, Bounds
 from semiseg.losses import supervised_loss
-from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
 
 UNLABELLED_PRIORS = ("prediction", "none")
+
+
+@dataclass(frozen=True)
+class FeatureEmbeddingParams(MethodParams):
+    """Hyperparameters of the random feature embedding (defaults: the paper's final runs)."""
+
+    embedding_weight: float = hparam(1.0, low=0.001, high=10.0, log=True, bounds=NON_NEGATIVE,
+                                     help="λ of the embedding loss (paper: 1 with acd, 0.01 with l2)")
+    margin: float = hparam(1.0, low=0.25, high=2.0, bounds=POSITIVE,
+                           help="margin m for dissimilar pairs (paper: 1 with acd, 1000 with l2)")
+    num_samples: int = hparam(100, low=20, high=2000, log=True, bounds=Bounds(2.0),
+                              help="n_E pixels sampled per batch (paper: 20 to 2000; 100 in the final runs)")
+    sampling: str = hparam("80_20", choices=SAMPLING_STRATEGIES,
+                           help="uniform50 (50/50), distribution (class frequencies) or 80_20 "
+                                "(80% background, 20% foreground; paper's best)")
+    distance: str = hparam("acd", choices=DISTANCES,
+                           help="acd (cosine distance, paper's choice) or l2 (set embedding_weight 0.01, "
+                                "margin 1000)")
+    unlabelled_prior: str = hparam("prediction", choices=UNLABELLED_PRIORS,
+                                   help="class of unlabelled pixels: the network's detached arg-max, or none "
+                                        "(labelled pixels only)")
 
 
 @register_method
@@ -42,39 +65,21 @@ class FeatureEmbedding(Method):
     """One network trained on labels and on a margin embedding of sampled pixel features."""
 
     name = "feature_embedding"
-    hparams = {
-        "embedding_weight": HParam(1.0, low=0.001, high=10.0, log=True,
-                                   help="λ of the embedding loss (paper: 1 with acd, 0.01 with l2)"),
-        "margin": HParam(1.0, low=0.25, high=2.0,
-                         help="margin m for dissimilar pairs (paper: 1 with acd, 1000 with l2)"),
-        "num_samples": HParam(100, low=20, high=2000, log=True,
-                              help="n_E pixels sampled per batch (paper: 20 to 2000; 100 in the final runs)"),
-        "sampling": HParam("80_20", choices=SAMPLING_STRATEGIES,
-                           help="uniform50 (50/50), distribution (class frequencies) or 80_20 "
-                                "(80% background, 20% foreground; paper's best)"),
-        "distance": HParam("acd", choices=DISTANCES,
-                           help="acd (cosine distance, paper's choice) or l2 (set embedding_weight 0.01, "
-                                "margin 1000)"),
-        "unlabelled_prior": HParam("prediction", choices=UNLABELLED_PRIORS,
-                                   help="class of unlabelled pixels: the network's detached arg-max, or none "
-                                        "(labelled pixels only)"),
-    }
+    Params = FeatureEmbeddingParams
+    params: FeatureEmbeddingParams
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: FeatureEmbeddingParams) -> None:
         super().__init__(context, params)
-        for key, allowed in (("sampling", SAMPLING_STRATEGIES), ("distance", DISTANCES),
-                             ("unlabelled_prior", UNLABELLED_PRIORS)):
-            if self.params[key] not in allowed:
-                raise ValueError(f"method.{key}: {self.params[key]!r} is not one of {allowed}")
         self.trained["student"] = context.build_network()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss on the labelled part, ramped embedding loss on sampled pixels."""
         images_l, labels_l = batch["image_l"], batch["label_l"]
-        use_unlabelled = "image_u" in batch and self.params["unlabelled_prior"] == "prediction"
+        use_unlabelled = "image_u" in batch and self.params.unlabelled_prior == "prediction"
         images = torch.cat([images_l, batch["image_u"]]) if use_unlabelled else images_l
         context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device)
+        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
+                              shape=images.shape[2:])
         inputs = perturb_intensity(warp(images, theta), context.augment, self.generator)
         logits, features = self.trained["student"](inputs, return_features=True)
         n_l = images_l.shape[0]
@@ -82,9 +87,9 @@ class FeatureEmbedding(Method):
         loss_sup = supervised_loss(context.supervised_loss, logits[:n_l], warped_labels)
         classes = self._pixel_classes(warped_labels, logits, theta)
         loss_emb = random_feature_embedding_loss(
-            features, classes, num_samples=int(self.params["num_samples"]), strategy=str(self.params["sampling"]),
-            distance=str(self.params["distance"]), margin=float(self.params["margin"]), generator=self.generator)
-        weight = self.cons_weight(progress, float(self.params["embedding_weight"]))
+            features, classes, num_samples=self.params.num_samples, strategy=self.params.sampling,
+            distance=self.params.distance, margin=self.params.margin, generator=self.generator)
+        weight = self.cons_weight(progress, self.params.embedding_weight)
         return StepOutput(objectives={"main": loss_sup + weight * loss_emb},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_emb.detach(),
                                 "cons_weight": weight},

@@ -27,15 +27,36 @@ gradient (its targets are detached) and changes only by the EMA in ``after_step`
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, valid_mask, warp, warp_labels
 from semiseg.components.ema import EmaTeacher
+from semiseg.config import FRACTION, NON_NEGATIVE, UNIT_OPEN
 from semiseg.losses import consistency_loss, supervised_loss
-from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
+
+
+@dataclass(frozen=True)
+class MeanTeacherParams(MethodParams):
+    """Hyperparameters of the mean teacher (defaults and ranges: see the module docstring)."""
+
+    ema_decay: float = hparam(0.95, low=0.9, high=0.9999, complement=True, bounds=UNIT_OPEN,
+                              help="EMA decay α of the teacher (paper: 0.99 over 10^4+ steps; 0.95 for short "
+                                   "schedules, see the module docstring)")
+    ema_decay_late: float = hparam(0.0, bounds=FRACTION,
+                                   help="decay after ema_switch_epoch (paper: 0.999); 0 keeps ema_decay")
+    ema_switch_epoch: float = hparam(0.0, bounds=NON_NEGATIVE,
+                                     help="epoch at which ema_decay_late takes over; 0 disables")
+    consistency: float = hparam(1.0, low=0.1, high=30.0, log=True, bounds=NON_NEGATIVE,
+                                help="weight of the consistency loss after ramp-up (paper: 2.9; follow-up code: 20)")
+    consistency_loss: str = hparam("mse", choices=("mse", "bce"),
+                                   help="consistency between student and teacher probabilities (paper: bce)")
+    teacher_noise_std: float = hparam(0.1, low=0.0, high=0.3, bounds=NON_NEGATIVE,
+                                      help="Gaussian noise σ on the teacher's input (reference code: 0.1)")
 
 
 @register_method
@@ -43,25 +64,14 @@ class MeanTeacher(Method):
     """Student trained on labels and on consistency with its EMA teacher."""
 
     name = "mean_teacher"
-    hparams = {
-        "ema_decay": HParam(0.95, low=0.9, high=0.9999, complement=True,
-                            help="EMA decay α of the teacher (paper: 0.99 over 10^4+ steps; 0.95 for short schedules, see the module docstring)"),
-        "ema_decay_late": HParam(0.0, help="decay after ema_switch_epoch (paper: 0.999); 0 keeps ema_decay"),
-        "ema_switch_epoch": HParam(0.0, help="epoch at which ema_decay_late takes over; 0 disables"),
-        "consistency": HParam(1.0, low=0.1, high=30.0, log=True,
-                              help="weight of the consistency loss after ramp-up (paper: 2.9; follow-up code: 20)"),
-        "consistency_loss": HParam("mse", choices=("mse", "bce"),
-                                   help="consistency between student and teacher probabilities (paper: bce)"),
-        "teacher_noise_std": HParam(0.1, low=0.0, high=0.3,
-                                    help="Gaussian noise σ on the teacher's input (reference code: 0.1)"),
-    }
+    Params = MeanTeacherParams
+    params: MeanTeacherParams
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: MeanTeacherParams) -> None:
         super().__init__(context, params)
         student = context.build_network()
         self.trained["student"] = student
-        self.teacher = EmaTeacher(student, float(self.params["ema_decay"]), float(self.params["ema_decay_late"]),
-                                  float(self.params["ema_switch_epoch"]))
+        self.teacher = EmaTeacher(student, params.ema_decay, params.ema_decay_late, params.ema_switch_epoch)
         self.frozen["teacher"] = self.teacher.module
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
@@ -69,7 +79,8 @@ class MeanTeacher(Method):
         images_l, labels_l = batch["image_l"], batch["label_l"]
         images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
         context, generator = self.context, self.generator
-        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device)
+        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device,
+                              shape=images.shape[2:])
         student_in = perturb_intensity(warp(images, theta), context.augment, generator)
         student_logits = self.trained["student"](student_in)
         n_l = images_l.shape[0]
@@ -77,12 +88,12 @@ class MeanTeacher(Method):
                                    warp_labels(labels_l, theta[:n_l]))
         with torch.no_grad():
             noise = torch.randn(images.shape, generator=generator).to(images.device)
-            teacher_in = images + noise * float(self.params["teacher_noise_std"])
+            teacher_in = images + noise * self.params.teacher_noise_std
             teacher_probs = self.frozen["teacher"](teacher_in).float().softmax(dim=1)
             teacher_aligned = warp(teacher_probs, theta)
             mask = valid_mask(teacher_probs, theta)
-        loss_cons = consistency_loss(str(self.params["consistency_loss"]), student_logits, teacher_aligned, mask)
-        weight = self.cons_weight(progress, float(self.params["consistency"]))
+        loss_cons = consistency_loss(self.params.consistency_loss, student_logits, teacher_aligned, mask)
+        weight = self.cons_weight(progress, self.params.consistency)
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
                                 "cons_weight": weight},

@@ -6,7 +6,8 @@ import importlib
 import pkgutil
 from typing import Any, Mapping
 
-from semiseg.methods.base import COMMON_HPARAMS, BuildContext, HParam, Method
+from semiseg.config import ConfigError, check_value, coerce
+from semiseg.methods.base import BuildContext, HParam, Method, MethodParams, declared_hparams
 
 _NOT_METHODS = {"base", "registry", "components"}
 METHODS: dict[str, type[Method]] = {}
@@ -18,6 +19,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     if cls.name != module_name:
         raise ValueError(f"method {cls.__name__} is named {cls.name!r} but lives in {module_name}.py; "
                          "a method is registered under its file's name")
+    if not issubclass(cls.Params, MethodParams):
+        raise TypeError(f"method {cls.name!r}: Params must extend MethodParams")
+    declared_hparams(cls.Params)
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} is registered twice")
     METHODS[cls.name] = cls
@@ -52,7 +56,7 @@ def get_method(name: str) -> type[Method]:
 
 def method_hparams(name: str) -> dict[str, HParam]:
     """Declared hyperparameters of a method, including those every method has (``pretrain_epochs``)."""
-    return {**COMMON_HPARAMS, **get_method(name).hparams}
+    return declared_hparams(get_method(name).Params)
 
 
 def method_defaults(name: str) -> dict[str, Any]:
@@ -60,18 +64,46 @@ def method_defaults(name: str) -> dict[str, Any]:
     return {key: hp.default for key, hp in method_hparams(name).items()}
 
 
-def build_method(name: str, context: BuildContext, params: Mapping[str, Any]) -> Method:
-    """Instantiate a registered method with its defaults overridden by ``params``.
+def method_params(name: str, values: Mapping[str, Any]) -> MethodParams:
+    """The typed, checked hyperparameters of method ``name``: its defaults overridden by ``values``.
+
+    Args:
+        name: a registered method.
+        values: hyperparameter name → value (strings from a command line are converted);
+            a ``name`` entry is ignored.
 
     Raises:
         KeyError: unknown method.
-        ValueError: a parameter the method does not declare.
+        ConfigError: a hyperparameter the method does not declare, or a value of the wrong
+            type, outside its bounds or not one of its choices (naming ``method.<key>``).
+    """
+    declared = method_hparams(name)
+    unknown = sorted(set(values) - set(declared) - {"name"})
+    if unknown:
+        raise ConfigError(f"method {name!r} has no hyperparameter(s) {unknown}; it has {sorted(declared)}")
+    checked: dict[str, Any] = {}
+    for key, declaration in declared.items():
+        value = coerce(values.get(key, declaration.default), type(declaration.default), f"method.{key}")
+        check_value(f"method.{key}", value, declaration.bounds, declaration.choices)
+        checked[key] = value
+    return get_method(name).Params(**checked)
+
+
+def build_method(name: str, context: BuildContext, params: Mapping[str, Any] | MethodParams) -> Method:
+    """Instantiate a registered method with its checked hyperparameters.
+
+    Args:
+        name: a registered method.
+        context: what the method builds its networks with.
+        params: its typed parameters, or a mapping of overrides of its defaults.
+
+    Raises:
+        KeyError: unknown method.
+        ConfigError: see :func:`method_params`.
     """
     cls = get_method(name)
-    declared = method_hparams(name)
-    unknown = set(params) - set(declared) - {"name"}
-    if unknown:
-        raise ValueError(f"method {name!r} has no hyperparameter(s) {sorted(unknown)}; "
-                         f"it has {sorted(declared)}")
-    merged = {**method_defaults(name), **{k: v for k, v in params.items() if k != "name"}}
-    return cls(context, merged)
+    if not isinstance(params, MethodParams):
+        params = method_params(name, params)
+    elif type(params) is not cls.Params:
+        raise ConfigError(f"method {name!r} takes {cls.Params.__name__}, not {type(params).__name__}")
+    return cls(context, params)

@@ -10,13 +10,13 @@ Losses: Dice + cross-entropy on the labelled batch, training the one network.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
 from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
 from semiseg.losses import supervised_loss
-from semiseg.methods.base import BuildContext, Method, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput
 from semiseg.methods.registry import register_method
 
 
@@ -27,7 +27,8 @@ def augmented_supervised_loss(method: Method, network: torch.nn.Module, images: 
     Shared by methods whose supervised term is the plain one.
     """
     context = method.context
-    theta = sample_affine(images.shape[0], context.dims, context.augment, method.generator, images.device)
+    theta = sample_affine(images.shape[0], context.dims, context.augment, method.generator, images.device,
+                          shape=images.shape[2:])
     warped = perturb_intensity(warp(images, theta), context.augment, method.generator)
     return supervised_loss(context.supervised_loss, network(warped), warp_labels(labels, theta))
 
@@ -37,10 +38,9 @@ class Supervised(Method):
     """Train one network on the labelled batch (no unlabelled data)."""
 
     name = "supervised"
-    hparams = {}
     uses_unlabelled = False
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: MethodParams) -> None:
         super().__init__(context, params)
         self.trained["student"] = context.build_network()
 

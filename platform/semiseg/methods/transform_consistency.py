@@ -28,20 +28,42 @@ through *both* branches (neither side is detached, as in the paper).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Mapping
 
 import torch
 
 from semiseg.augment import AugmentSettings, perturb_intensity, sample_affine, valid_mask, warp, warp_labels
 from semiseg.components.elastic import (deformed_valid_mask, elastic_deform, elastic_deform_labels,
                                         sample_displacement)
+from semiseg.config import NON_NEGATIVE, Bounds
 from semiseg.losses import supervised_loss, symmetric_kl_divergence
-from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
 
 TRANSFORMS = ("elastic", "shift", "rotation", "noise", "affine")
 DIVERGENCES = ("symmetric_kl", "mse")
+
+
+@dataclass(frozen=True)
+class TransformConsistencyParams(MethodParams):
+    """Hyperparameters of transformation consistency (defaults: the paper and its reproduction)."""
+
+    transform: str = hparam("elastic", choices=TRANSFORMS,
+                            help="transformation T (paper: elastic; reproduction: noise, shift, rotation)")
+    divergence: str = hparam("symmetric_kl", choices=DIVERGENCES,
+                             help="consistency between T(f(x)) and f(T(x)) (paper: symmetric KL)")
+    consistency: float = hparam(1.0, low=0.01, high=10.0, log=True, bounds=NON_NEGATIVE,
+                                help="weight λ of the consistency loss after ramp-up")
+    elastic_sigma: float = hparam(4.0, low=1.0, high=10.0, bounds=NON_NEGATIVE,
+                                  help="σ in voxels of the elastic control-point displacements")
+    elastic_points: int = hparam(3, bounds=Bounds(2.0), help="elastic control points per axis")
+    shift_px: float = hparam(10.0, bounds=NON_NEGATIVE, help="largest shift in voxels per axis (reproduction: 10)")
+    rotation_deg: float = hparam(45.0, bounds=Bounds(0.0, 180.0),
+                                 help="rotations uniform in ±rotation_deg (reproduction: 45)")
+    noise_std: float = hparam(0.1, bounds=NON_NEGATIVE, help="σ of the additive noise transform (reproduction: 0.1)")
+    base_augment: bool = hparam(True, choices=(False, True),
+                                help="apply the shared affine and intensity augmentation before T")
 
 
 @dataclass
@@ -118,7 +140,7 @@ def shift_affine(batch: int, spatial: tuple[int, ...], max_shift_px: float,
     return theta
 
 
-def sample_transform(kind: str, images: torch.Tensor, params: Mapping[str, Any], augment: AugmentSettings,
+def sample_transform(kind: str, images: torch.Tensor, params: TransformConsistencyParams, augment: AugmentSettings,
                      generator: torch.Generator | None) -> SampledTransform:
     """Draw T of type ``kind`` for the batch ``images`` ``[B, C, *spatial]``.
 
@@ -126,7 +148,7 @@ def sample_transform(kind: str, images: torch.Tensor, params: Mapping[str, Any],
         kind: one of :data:`TRANSFORMS`.
         images: the batch T will act on (shape and device).
         params: the method's hyperparameters (``shift_px``, ``rotation_deg``, ``noise_std``,
-            ``elastic_sigma``, ``elastic_points``).
+            ``elastic_sigma`` and ``elastic_points`` are read).
         augment: ranges for ``affine``.
         generator: torch generator.
 
@@ -138,19 +160,20 @@ def sample_transform(kind: str, images: torch.Tensor, params: Mapping[str, Any],
     """
     batch, dims, device = images.shape[0], images.ndim - 2, images.device
     if kind == "elastic":
-        displacement = sample_displacement(batch, dims, float(params["elastic_sigma"]),
-                                           int(params["elastic_points"]), generator)
+        displacement = sample_displacement(batch, dims, params.elastic_sigma, params.elastic_points, generator)
         return SampledTransform(kind, displacement=displacement)
     if kind == "shift":
-        theta = shift_affine(batch, tuple(images.shape[2:]), float(params["shift_px"]), generator)
+        theta = shift_affine(batch, tuple(images.shape[2:]), params.shift_px, generator)
         return SampledTransform(kind, theta=theta.to(device))
     if kind == "rotation":
-        settings = AugmentSettings(rotation_deg=float(params["rotation_deg"]), scale=0.0, shift=0.0)
-        return SampledTransform(kind, theta=sample_affine(batch, dims, settings, generator, device))
+        settings = replace(augment, rotation_deg=params.rotation_deg, scale=0.0, shift=0.0)
+        return SampledTransform(kind, theta=sample_affine(batch, dims, settings, generator, device,
+                                                          shape=images.shape[2:]))
     if kind == "affine":
-        return SampledTransform(kind, theta=sample_affine(batch, dims, augment, generator, device))
+        return SampledTransform(kind, theta=sample_affine(batch, dims, augment, generator, device,
+                                                          shape=images.shape[2:]))
     if kind == "noise":
-        noise = torch.randn(images.shape, generator=generator) * float(params["noise_std"])
+        noise = torch.randn(images.shape, generator=generator) * params.noise_std
         return SampledTransform(kind, noise=noise.to(device, images.dtype))
     raise ValueError(f"unknown transform {kind!r}; use one of {TRANSFORMS}")
 
@@ -187,34 +210,17 @@ class TransformConsistency(Method):
     """One network trained on labels and on consistency of its output under a transformation."""
 
     name = "transform_consistency"
-    hparams = {
-        "transform": HParam("elastic", choices=TRANSFORMS,
-                            help="transformation T (paper: elastic; reproduction: noise, shift, rotation)"),
-        "divergence": HParam("symmetric_kl", choices=DIVERGENCES,
-                             help="consistency between T(f(x)) and f(T(x)) (paper: symmetric KL)"),
-        "consistency": HParam(1.0, low=0.01, high=10.0, log=True,
-                              help="weight λ of the consistency loss after ramp-up"),
-        "elastic_sigma": HParam(4.0, low=1.0, high=10.0,
-                                help="σ in voxels of the elastic control-point displacements"),
-        "elastic_points": HParam(3, help="elastic control points per axis"),
-        "shift_px": HParam(10.0, help="largest shift in voxels per axis (reproduction: 10)"),
-        "rotation_deg": HParam(45.0, help="rotations uniform in ±rotation_deg (reproduction: 45)"),
-        "noise_std": HParam(0.1, help="σ of the additive noise transform (reproduction: 0.1)"),
-        "base_augment": HParam(True, help="apply the shared affine and intensity augmentation before T"),
-    }
+    Params = TransformConsistencyParams
+    params: TransformConsistencyParams
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: TransformConsistencyParams) -> None:
         super().__init__(context, params)
-        if self.params["transform"] not in TRANSFORMS:
-            raise ValueError(f"unknown transform {self.params['transform']!r}; use one of {TRANSFORMS}")
-        if self.params["divergence"] not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.params['divergence']!r}; use one of {DIVERGENCES}")
         self.trained["student"] = context.build_network()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss on both views of the labelled part, consistency on all images."""
         images, labels, n_l = self._augmented(batch)
-        transform = sample_transform(str(self.params["transform"]), images, self.params,
+        transform = sample_transform(self.params.transform, images, self.params,
                                      self.context.augment, self.generator)
         logits = self.trained["student"](torch.cat([images, transform.images(images)]))
         logits_x, logits_tx = logits.split(images.shape[0])
@@ -223,9 +229,9 @@ class TransformConsistency(Method):
                                    torch.cat([labels, transform.labels(labels)]))
         t_of_f = transform.probs(logits_x.float().softmax(dim=1))
         f_of_t = logits_tx.float().softmax(dim=1)
-        loss_cons = probability_divergence(str(self.params["divergence"]), t_of_f, f_of_t,
+        loss_cons = probability_divergence(self.params.divergence, t_of_f, f_of_t,
                                            transform.mask(f_of_t))
-        weight = self.cons_weight(progress, float(self.params["consistency"]))
+        weight = self.cons_weight(progress, self.params.consistency)
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
                                 "cons_weight": weight},
@@ -235,10 +241,11 @@ class TransformConsistency(Method):
         """Labelled + unlabelled images (optionally augmented), the labelled part's labels, its size."""
         images_l, labels = batch["image_l"], batch["label_l"]
         images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
-        if not self.params["base_augment"]:
+        if not self.params.base_augment:
             return images, labels, images_l.shape[0]
         context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device)
+        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
+                              shape=images.shape[2:])
         images = perturb_intensity(warp(images, theta), context.augment, self.generator)
         return images, warp_labels(labels, theta[:images_l.shape[0]]), images_l.shape[0]
 

@@ -32,7 +32,8 @@ gradient (every teacher pass runs under ``no_grad``) and changes only by the EMA
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -40,12 +41,33 @@ from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
 from semiseg.components.ema import EmaTeacher
 from semiseg.components.uncertainty import (certainty_mask, clamped_noise, masked_consistency, mc_teacher_probs,
                                             predictive_entropy, uncertainty_threshold)
+from semiseg.config import NON_NEGATIVE, UNIT_OPEN, Bounds
 from semiseg.losses import supervised_loss
-from semiseg.methods.base import BuildContext, HParam, Method, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
 from semiseg.schedules import rampup
 
 CONSISTENCY_TARGETS = ("unlabelled", "all")
+
+
+@dataclass(frozen=True)
+class UaMeanTeacherParams(MethodParams):
+    """Hyperparameters of the uncertainty-aware mean teacher (defaults: the reference code)."""
+
+    ema_decay: float = hparam(0.95, low=0.9, high=0.9999, complement=True, bounds=UNIT_OPEN,
+                              help="EMA decay α of the teacher (reference code: 0.99 over 10^4+ steps; 0.95 for "
+                                   "short schedules, see the module docstring)")
+    consistency: float = hparam(0.1, low=0.01, high=10.0, log=True, bounds=NON_NEGATIVE,
+                                help="weight of the uncertainty-masked consistency after ramp-up (reference code: "
+                                     "0.1)")
+    mc_passes: int = hparam(8, low=2, high=16, bounds=Bounds(2.0),
+                            help="stochastic teacher passes T for the uncertainty (paper: 8)")
+    teacher_noise_std: float = hparam(0.1, bounds=NON_NEGATIVE,
+                                      help="σ of the teacher's input noise (reference code: 0.1)")
+    teacher_noise_clip: float = hparam(0.2, bounds=NON_NEGATIVE,
+                                       help="bound of the teacher's input noise (reference code: 0.2)")
+    cons_on: str = hparam("unlabelled", choices=CONSISTENCY_TARGETS,
+                          help="images the consistency covers (reference code: unlabelled)")
 
 
 @register_method
@@ -53,26 +75,14 @@ class UaMeanTeacher(Method):
     """Mean teacher whose consistency is restricted to voxels the teacher is certain about."""
 
     name = "ua_mean_teacher"
-    hparams = {
-        "ema_decay": HParam(0.95, low=0.9, high=0.9999, complement=True,
-                            help="EMA decay α of the teacher (reference code: 0.99 over 10^4+ steps; 0.95 for short schedules, see the module docstring)"),
-        "consistency": HParam(0.1, low=0.01, high=10.0, log=True,
-                              help="weight of the uncertainty-masked consistency after ramp-up (reference code: 0.1)"),
-        "mc_passes": HParam(8, low=2, high=16,
-                            help="stochastic teacher passes T for the uncertainty (paper: 8)"),
-        "teacher_noise_std": HParam(0.1, help="σ of the teacher's input noise (reference code: 0.1)"),
-        "teacher_noise_clip": HParam(0.2, help="bound of the teacher's input noise (reference code: 0.2)"),
-        "cons_on": HParam("unlabelled", choices=CONSISTENCY_TARGETS,
-                          help="images the consistency covers (reference code: unlabelled)"),
-    }
+    Params = UaMeanTeacherParams
+    params: UaMeanTeacherParams
 
-    def __init__(self, context: BuildContext, params: Mapping[str, Any]) -> None:
+    def __init__(self, context: BuildContext, params: UaMeanTeacherParams) -> None:
         super().__init__(context, params)
-        if self.params["cons_on"] not in CONSISTENCY_TARGETS:
-            raise ValueError(f"cons_on must be one of {CONSISTENCY_TARGETS}, got {self.params['cons_on']!r}")
         student = context.build_network()
         self.trained["student"] = student
-        self.teacher = EmaTeacher(student, float(self.params["ema_decay"]))
+        self.teacher = EmaTeacher(student, params.ema_decay)
         self.frozen["teacher"] = self.teacher.module
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
@@ -80,15 +90,16 @@ class UaMeanTeacher(Method):
         images_l, labels_l = batch["image_l"], batch["label_l"]
         images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
         context, generator, n_l = self.context, self.generator, images_l.shape[0]
-        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device)
+        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device,
+                              shape=images.shape[2:])
         augmented = perturb_intensity(warp(images, theta), context.augment, generator)
         student_logits = self.trained["student"](augmented)
         loss_sup = supervised_loss(context.supervised_loss, student_logits[:n_l],
                                    warp_labels(labels_l, theta[:n_l]))
-        start = n_l if self.params["cons_on"] == "unlabelled" else 0
+        start = n_l if self.params.cons_on == "unlabelled" else 0
         threshold = uncertainty_threshold(self._threshold_ramp(progress), context.num_classes)
         loss_cons, certain = self._consistency(student_logits[start:], augmented[start:], threshold)
-        weight = self.cons_weight(progress, float(self.params["consistency"]))
+        weight = self.cons_weight(progress, self.params.consistency)
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
                                 "cons_weight": weight, "uncertainty_threshold": threshold,
@@ -102,11 +113,11 @@ class UaMeanTeacher(Method):
             zero = student_logits.float().sum() * 0.0
             return zero, zero.detach()
         teacher = self.frozen["teacher"]
-        std, clip = float(self.params["teacher_noise_std"]), float(self.params["teacher_noise_clip"])
+        std, clip = self.params.teacher_noise_std, self.params.teacher_noise_clip
         with torch.no_grad():
             noise = clamped_noise(images.shape, std, clip, self.generator).to(images.device, images.dtype)
             target = teacher(images + noise).float().softmax(dim=1)
-            mean_probs = mc_teacher_probs(teacher, images, int(self.params["mc_passes"]), std, clip,
+            mean_probs = mc_teacher_probs(teacher, images, self.params.mc_passes, std, clip,
                                           self.generator)
             mask = certainty_mask(predictive_entropy(mean_probs), threshold)
         loss = masked_consistency(student_logits.float().softmax(dim=1), target, mask)

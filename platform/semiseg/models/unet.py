@@ -17,6 +17,10 @@ def _conv(dims: int) -> type[nn.Module]:
     return nn.Conv2d if dims == 2 else nn.Conv3d
 
 
+NORMS = ("batch", "instance", "group", "none")
+"""The normalisation layers a network can use (``model.norm``)."""
+
+
 def make_norm(norm: str, dims: int, channels: int) -> nn.Module:
     """Return the normalisation layer named ``norm`` for ``channels`` features.
 
@@ -31,7 +35,7 @@ def make_norm(norm: str, dims: int, channels: int) -> nn.Module:
         return nn.GroupNorm(min(8, channels), channels)
     if norm == "none":
         return nn.Identity()
-    raise ValueError(f"unknown normalisation {norm!r}; use batch, instance, group or none")
+    raise ValueError(f"unknown normalisation {norm!r}; use one of {', '.join(NORMS)}")
 
 
 class ConvBlock(nn.Sequential):

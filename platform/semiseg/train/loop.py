@@ -30,6 +30,7 @@ from semiseg.methods import BuildContext, Method, Progress, build_method
 from semiseg.schedules import lr_factor
 from semiseg.train.evaluate import evaluate_cases, predict_case, summarise_cases
 from semiseg.train.overlay import overlay_png
+from semiseg.train.optimizers import build_optimizer
 from semiseg.tune.space import SEARCH_PREFIX
 from semiseg.train.session import LocalSession, Session, TrainSession, TuneSession, checkpoint_staging
 
@@ -198,7 +199,7 @@ def _seed_everything(seed: int, rank: int) -> None:
 def _build_context(cfg: ExperimentConfig, data: PreparedData, device: torch.device) -> BuildContext:
     augment = AugmentSettings(rotation_deg=cfg.train.augment_rotation_deg, scale=cfg.train.augment_scale,
                               shift=cfg.train.augment_shift, noise_std=cfg.train.augment_noise_std,
-                              intensity=cfg.train.augment_intensity)
+                              intensity=cfg.train.augment_intensity, spacing=data.training_spacing)
     return BuildContext(dims=cfg.data.dims, in_channels=data.in_channels, num_classes=data.num_classes,
                         model={"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width,
                                "dropout": cfg.model.dropout, "norm": cfg.model.norm},
@@ -243,17 +244,7 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
 def _build_optimizers(method: Method, cfg: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
     optimizers = {}
     for group, params in method.optimizer_groups().items():
-        if cfg.optim.name == "adamw":
-            optimizers[group] = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                                  foreach=True)
-        elif cfg.optim.name == "adam":
-            optimizers[group] = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                                 foreach=True)
-        elif cfg.optim.name == "sgd":
-            optimizers[group] = torch.optim.SGD(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                                momentum=0.9, nesterov=True, foreach=True)
-        else:
-            raise ValueError(f"optim.name: unknown optimiser {cfg.optim.name!r}; use adamw, adam or sgd")
+        optimizers[group] = build_optimizer(cfg.optim.name, params, cfg.optim.lr, cfg.optim.weight_decay)
         for param_group in optimizers[group].param_groups:
             param_group["base_lr"] = param_group["lr"]
     return optimizers
@@ -267,7 +258,7 @@ def _train_epoch(cfg: ExperimentConfig, method: Method, optimizers: dict[str, to
     sums: dict[str, float] = {}
     started = time.perf_counter()
     amp = cfg.train.amp and device.type == "cuda"
-    pretrain_epochs = int(cfg.method.get("pretrain_epochs", 0))
+    pretrain_epochs = method.params.pretrain_epochs
     pretraining = state.epoch < pretrain_epochs
     if pretrain_epochs > 0 and state.epoch == pretrain_epochs:
         method.begin_semi_supervised()
@@ -439,11 +430,11 @@ def _report(session: Session, metrics: dict, method: Method, optimizers: dict[st
                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                    "scaler": scaler.state_dict(),
                    "torch_rng": torch.get_rng_state(),
-                   "loop": {"epoch": state.epoch, "step": state.step, "best_dice": state.best_dice,
-                            "best_epoch": state.best_epoch, "diverged": state.diverged,
-                            "history": state.history},
+                   "loop": _plain({"epoch": state.epoch, "step": state.step, "best_dice": state.best_dice,
+                                   "best_epoch": state.best_epoch, "diverged": state.diverged,
+                                   "history": state.history}),
                    "best_eval_state": state.best_eval_state,
-                   "model_spec": model_spec}
+                   "model_spec": _plain(model_spec)}
         tmp = folder / (CHECKPOINT_FILE + ".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, folder / CHECKPOINT_FILE)
@@ -452,9 +443,25 @@ def _report(session: Session, metrics: dict, method: Method, optimizers: dict[st
         session.report(clean, str(folder))
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers.
+
+    Checkpoints are read with ``torch.load(weights_only=True)`` (a checkpoint in shared storage
+    must not be able to run code), whose unpickler refuses numpy scalars such as the
+    ``numpy.float64`` a metric can be.
+    """
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def _load_checkpoint(folder: Path, method: Method, optimizers: dict[str, torch.optim.Optimizer],
                      scaler: torch.amp.GradScaler) -> LoopState:
-    payload = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    payload = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     method.load_state_dict(payload["method"])
     for key, optimizer in optimizers.items():
         optimizer.load_state_dict(payload["optimizers"][key])

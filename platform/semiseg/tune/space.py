@@ -12,15 +12,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterable, Mapping, Sequence
 
-from semiseg.config import ConfigError
+from semiseg.config import SETTING_BOUNDS, ConfigError, check_value
 from semiseg.methods.base import HParam
 from semiseg.methods.registry import method_hparams
 
 SEARCH_PREFIX = "search"
 CONFIG_RANGES: dict[str, HParam] = {
-    "optim.lr": HParam(2e-3, low=1e-4, high=1e-2, log=True, help="learning rate (Perone: 6e-4)"),
-    "optim.weight_decay": HParam(1e-4, low=1e-6, high=1e-2, log=True, help="L2 / decoupled weight decay"),
-    "schedule.rampup_epochs": HParam(10.0, low=0.0, high=30.0,
+    "optim.lr": HParam(2e-3, low=1e-4, high=1e-2, log=True, bounds=SETTING_BOUNDS["optim.lr"],
+                       help="learning rate (Perone: 6e-4)"),
+    "optim.weight_decay": HParam(1e-4, low=1e-6, high=1e-2, log=True, bounds=SETTING_BOUNDS["optim.weight_decay"],
+                                 help="L2 / decoupled weight decay"),
+    "schedule.rampup_epochs": HParam(10.0, low=0.0, high=30.0, bounds=SETTING_BOUNDS["schedule.rampup_epochs"],
                                      help="epochs of the sigmoid ramp-up of the unsupervised weight"),
 }
 
@@ -100,7 +102,8 @@ def with_range(name: str, hparam: HParam, bounds: tuple[float, float]) -> HParam
 
     Raises:
         ConfigError: a categorical hyperparameter, ``low >= high``, a non-positive bound on
-            a log scale, or a complement-searched bound outside (0, 1).
+            a log scale, a complement-searched bound outside (0, 1), or a bound outside the
+            values the hyperparameter may take at all (its declared bounds).
     """
     low, high = float(bounds[0]), float(bounds[1])
     if hparam.choices is not None:
@@ -112,6 +115,8 @@ def with_range(name: str, hparam: HParam, bounds: tuple[float, float]) -> HParam
                           f"log scale), got {low:g}:{high:g}")
     if hparam.log and low <= 0.0:
         raise ConfigError(f"range for {name}: it is searched on a log scale, so low must be > 0, got {low:g}")
+    for end in (low, high):
+        check_value(f"range for {name}: bound", end, hparam.bounds)
     return replace(hparam, low=low, high=high)
 
 
