@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -309,3 +311,138 @@ def test_read_layout_collects_all_problems(dataset: Path) -> None:
     assert "'numTraining'" in text
     assert "case_000_0000.nii.gz: channel 0 file" in text
     assert "case_002_0002.nii.gz: channel 2 is not declared" in text
+
+
+# --------------------------------------------------------------------------- unreadable and hostile files
+
+MULTI_LABELS = {"background": 0, "edema": 1, "tumour": 2}
+
+
+def _multiclass(seed: int) -> np.ndarray:
+    return np.random.default_rng(200 + seed).integers(0, 3, size=SHAPE).astype(np.int16)
+
+
+def _multiclass_dataset(root: Path, ending: str = ".nii.gz") -> Path:
+    """Three labelled oblique two-channel cases with labels 0, 1, 2, in files ending ``ending``."""
+    write_dataset_json(root, "Multi", {"0": "T1", "1": "T2"}, MULTI_LABELS, num_training=3, file_ending=ending)
+    for k in range(3):
+        files = write_case(root, f"case_{k:03d}", _image(k), _multiclass(k), SPACING, affine=_oblique_affine())
+        if ending == ".nii":
+            for path in (*files.image_paths, files.label_path):
+                img = nib.load(str(path))
+                nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header), str(path)[:-3])
+                path.unlink()
+    return root
+
+
+@pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
+def test_header_declaring_too_many_voxels_is_refused_before_reading(tmp_path: Path, ending: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import write_oversized_nifti
+    from semiseg.data.layout import MAX_VOXELS
+
+    root = _multiclass_dataset(tmp_path / "Dataset010_Huge", ending)
+    huge = write_oversized_nifti(root / "imagesTr" / f"case_001_0001{ending}")
+    read = nib.dataobj_images.DataobjImage.get_fdata
+
+    def guarded(self, *args, **kwargs):
+        assert int(np.prod(self.shape)) <= MAX_VOXELS, "the data of an oversized file was read"
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(nib.dataobj_images.DataobjImage, "get_fdata", guarded)
+    layout = read_layout(root)
+    with pytest.raises(DatasetError) as err:
+        validate_layout(layout)
+    assert err.value.problems == [(str(huge), "header declares shape 30000x30000x3000 = 2,700,000,000,000 voxels, "
+                                   "over the limit of 1,073,741,824 voxels per file (set SEMISEG_MAX_VOXELS to "
+                                   "raise it); not reading its data")]
+    monkeypatch.setenv("SEMISEG_MAX_VOXELS", str(10 * 9 * 4 - 1))
+    with pytest.raises(DatasetError, match="case_000_0000.* over the limit of 359 voxels"):
+        load_case(layout.get_case("case_000"))
+    monkeypatch.setenv("SEMISEG_MAX_VOXELS", "lots")
+    with pytest.raises(DatasetError, match="^SEMISEG_MAX_VOXELS: must be a positive number of voxels, got 'lots'$"):
+        load_case(layout.get_case("case_000"))
+
+
+def test_unreadable_label_files_are_errors_with_their_reason(tmp_path: Path) -> None:
+    root = _multiclass_dataset(tmp_path / "Dataset011_Links")
+    labels = root / "labelsTr"
+    loop = labels / "case_000.nii.gz"
+    loop.unlink()
+    loop.symlink_to(tmp_path / "loop_b.nii.gz")
+    (tmp_path / "loop_b.nii.gz").symlink_to(loop)
+    dangling = labels / "case_001.nii.gz"
+    dangling.unlink()
+    dangling.symlink_to(tmp_path / "moved" / "case_001.nii.gz")
+    folder = labels / "case_002.nii.gz"
+    folder.unlink()
+    folder.mkdir()
+    with pytest.raises(DatasetError) as err:
+        read_layout(root)
+    assert err.value.problems == [
+        (str(loop), "symlink loop: the symlink never resolves to a file"),
+        (str(dangling), f"dangling symlink to {tmp_path / 'moved' / 'case_001.nii.gz'} (which does not exist)"),
+        (str(folder), "is a directory, not a NIfTI file"),
+    ]
+
+
+def test_label_file_without_read_permission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from semiseg.data import layout as layout_module
+
+    root = _multiclass_dataset(tmp_path / "Dataset012_Perm")
+    locked = root / "labelsTr" / "case_002.nii.gz"
+    if os.geteuid() == 0:  # root reads any file: refuse this one the way the kernel would
+        real_open = open
+
+        def refusing_open(path, *args, **kwargs):
+            if Path(path) == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(layout_module, "open", refusing_open, raising=False)
+    else:
+        locked.chmod(0)
+    with pytest.raises(DatasetError) as err:
+        read_layout(root)
+    assert err.value.problems == [(str(locked), "permission denied")]
+
+
+def test_unreadable_image_gets_its_own_reason(tmp_path: Path) -> None:
+    root = _multiclass_dataset(tmp_path / "Dataset013_ImageLoop")
+    image = root / "imagesTr" / "case_001_0000.nii.gz"
+    image.unlink()
+    image.symlink_to(image)
+    with pytest.raises(DatasetError) as err:
+        read_layout(root)
+    assert err.value.problems == [(str(image), "symlink loop: the symlink never resolves to a file")]
+
+
+def test_symlinked_files_and_folders_inside_the_dataset_are_read(tmp_path: Path) -> None:
+    source = _multiclass_dataset(tmp_path / "disk2" / "Dataset014_Real")
+    root = tmp_path / "Dataset014_Linked"
+    root.mkdir()
+    (root / "dataset.json").symlink_to(source / "dataset.json")
+    (root / "imagesTr").symlink_to(source / "imagesTr")
+    (root / "labelsTr").mkdir()
+    for path in (source / "labelsTr").iterdir():
+        (root / "labelsTr" / path.name).symlink_to(path)
+    layout = read_layout(root)
+    validate_layout(layout)
+    assert layout.labelled_ids == ("case_000", "case_001", "case_002")
+    np.testing.assert_array_equal(load_case(layout.get_case("case_001"), layout.class_ids).label, _multiclass(1))
+
+
+def test_unlistable_labels_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _multiclass_dataset(tmp_path / "Dataset015_Unlistable")
+    labels = root / "labelsTr"
+    listing = Path.iterdir
+
+    def iterdir(self):
+        if self == labels:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DatasetError) as err:
+        read_layout(root)
+    assert err.value.problems == [(str(labels), "cannot list folder: permission denied")]

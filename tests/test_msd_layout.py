@@ -316,3 +316,75 @@ def test_bad_modality_mapping(msd: Path) -> None:
     _edit_json(msd, modality={"1": "T1"})
     with pytest.raises(DatasetError, match='"modality" must map "0", "1", ...'):
         read_dataset(msd)
+
+
+# --------------------------------------------------------------------------- entries outside the folder, links
+
+
+def test_entries_leading_outside_the_dataset_folder_are_refused(msd: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.nii.gz"
+    _save(outside, _image(7))
+    _save(tmp_path / "outside_label.nii.gz", _label(7))
+    meta = json.loads((msd / "dataset.json").read_text())
+    meta["training"][0]["image"] = "../outside.nii.gz"
+    meta["training"][1]["label"] = "./labelsTr/../../outside_label.nii.gz"
+    meta["test"] = [str(outside)]
+    (msd / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError) as err:
+        read_dataset(msd)
+    json_path = str(msd / "dataset.json")
+    assert err.value.problems == [
+        (json_path, f"training[0] image '../outside.nii.gz' resolves to {outside}, outside the dataset folder "
+                    f"{msd}; entries must stay inside it"),
+        (json_path, f"training[1] label './labelsTr/../../outside_label.nii.gz' resolves to "
+                    f"{tmp_path / 'outside_label.nii.gz'}, outside the dataset folder {msd}; "
+                    "entries must stay inside it"),
+        (json_path, f"test[0] image {str(outside)!r} is an absolute path; entries must be relative to the dataset "
+                    "folder"),
+    ]
+
+
+def test_dot_dot_through_a_symlinked_folder_is_refused(msd: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk2"
+    (msd / "imagesTr").rename(disk)
+    (msd / "imagesTr").symlink_to(disk)
+    _save(tmp_path / "brain_000.nii.gz", _image(0))
+    meta = json.loads((msd / "dataset.json").read_text())
+    meta["training"][0]["image"] = "./imagesTr/../brain_000.nii.gz"  # the OS resolves imagesTr/.. to tmp_path
+    (msd / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"training\[0\] image './imagesTr/../brain_000.nii.gz' resolves to "):
+        read_dataset(msd)
+
+
+def test_symlinks_placed_inside_the_dataset_are_followed(msd: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk2"
+    disk.mkdir()
+    (msd / "imagesTr").rename(disk / "imagesTr")
+    (msd / "imagesTr").symlink_to(disk / "imagesTr")
+    (msd / "labelsTr" / "brain_001.nii.gz").rename(disk / "brain_001_label.nii.gz")
+    (msd / "labelsTr" / "brain_001.nii.gz").symlink_to(disk / "brain_001_label.nii.gz")
+    linked_root = tmp_path / "Task01_Linked"
+    linked_root.symlink_to(msd)
+    for root in (msd, linked_root):
+        layout = read_dataset(root)
+        validate_layout(layout)
+        assert layout.labelled_ids == ("brain_000", "brain_001", "brain_002")
+        case = load_case(layout.get_case("brain_001"), layout.class_ids)
+        np.testing.assert_array_equal(case.label, _label(1))
+        np.testing.assert_allclose(case.affine, _oblique_affine(), atol=1e-5)
+
+
+def test_unreadable_listed_files_get_their_reason(msd: Path, tmp_path: Path) -> None:
+    label = msd / "labelsTr" / "brain_000.nii.gz"
+    label.unlink()
+    label.symlink_to(label)
+    image = msd / "imagesTr" / "brain_002.nii.gz"
+    image.unlink()
+    image.symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(DatasetError) as err:
+        read_dataset(msd)
+    assert err.value.problems == [
+        (str(label), "label listed in dataset.json training[0]: symlink loop: the symlink never resolves to a file"),
+        (str(image), f"image listed in dataset.json training[2]: dangling symlink to {tmp_path / 'gone.nii.gz'} "
+                     "(which does not exist)"),
+    ]

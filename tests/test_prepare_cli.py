@@ -139,3 +139,53 @@ def test_bad_arguments_exit_with_status_two(dataset: Path, capsys: pytest.Captur
 def test_console_script_points_at_main() -> None:
     [script] = [e for e in entry_points(group="console_scripts") if e.name == "semiseg-prepare"]
     assert script.load() is main
+
+
+@pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
+def test_header_declaring_too_many_voxels(dataset: Path, tmp_path: Path, ending: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import write_oversized_nifti
+
+    if ending == ".nii":  # the same dataset, stored uncompressed
+        meta = json.loads((dataset / "dataset.json").read_text())
+        (dataset / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii"}))
+        for path in [*dataset.glob("*/*.nii.gz")]:
+            img = nib.load(str(path))
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header), str(path)[:-3])
+            path.unlink()
+    huge = write_oversized_nifti(dataset / "imagesTr" / f"case_2_0001{ending}")
+    code, out, err = _run(capsys, str(dataset), "--cache-root", str(tmp_path / "cache"), "--progress-every", "100")
+    problems = [line for line in err.splitlines() if not line.startswith("prepared ")]
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert problems == [f"{huge}: header declares shape 30000x30000x3000 = 2,700,000,000,000 voxels, over the limit "
+                        "of 1,073,741,824 voxels per file (set SEMISEG_MAX_VOXELS to raise it); not reading its data"]
+
+
+def test_dangling_label_symlink_is_not_an_unlabelled_case(dataset: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    label = dataset / "labelsTr" / "case_3.nii.gz"
+    label.rename(tmp_path / "elsewhere.nii.gz")
+    label.symlink_to(tmp_path / "moved.nii.gz")
+    code, out, err = _run(capsys, str(dataset), "--cache-root", str(tmp_path / "cache"))
+    assert code == 2 and out == ""
+    assert err == f"{label}: dangling symlink to {tmp_path / 'moved.nii.gz'} (which does not exist)\n"
+
+
+def test_declared_label_in_no_label_file(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    meta = json.loads((dataset / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "lesion": 1, "cyst": 2, "scar": 3}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    args = (str(dataset), "--cache-root", str(tmp_path / "cache"), "--progress-every", "100")
+    code, out, err = _run(capsys, *args)
+    problems = [line for line in err.splitlines() if not line.startswith("prepared ")]
+    assert code == 2 and out == ""
+    assert problems == [f"{dataset / 'dataset.json'}: declared label(s) 'cyst' (2), 'scar' (3) occur in none of the "
+                        "4 label files scanned (voxels counted after preprocessing); a network cannot learn them and "
+                        "scores Dice 0 on them; fix the label files or dataset.json, or accept them with "
+                        "--allow-absent-labels"]
+    code, out, err = _run(capsys, *args, "--allow-absent-labels", "--json")
+    assert code == 0 and json.loads(out)["cache"]["reused"] is True
+    assert [line for line in err.splitlines() if not line.startswith("prepared ")] == [
+        f"warning: {dataset / 'dataset.json'}: declared label(s) 'cyst' (2), 'scar' (3) occur in none of the 4 label "
+        "files scanned (voxels counted after preprocessing); a network cannot learn them and scores Dice 0 on them "
+        "(accepted: --allow-absent-labels)"]

@@ -41,7 +41,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semiseg.data.errors import DatasetError
-from semiseg.data.layout import CaseFiles, DatasetLayout, load_case
+from semiseg.data.layout import CaseFiles, DatasetLayout, load_case, max_voxels
 from semiseg.data.preprocess import PreprocessedCase, PreprocessSettings, preprocess_case
 
 CACHE_FORMAT = 1
@@ -304,6 +304,7 @@ def _write_cache(
     cases_per_shard: int,
 ) -> dict[str, Any]:
     (folder / "shards").mkdir()
+    max_voxels()  # a malformed $SEMISEG_MAX_VOXELS is reported once, not once per case
     problems: list[tuple[str, str]] = []
     entries: list[dict[str, Any]] = []
     writer: pq.ParquetWriter | None = None
@@ -343,6 +344,31 @@ def _write_cache(
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
+
+
+def absent_label_problem(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Labels declared in ``dataset.json`` that no labelled case of a built cache holds.
+
+    Uses the label voxel counts the manifest records per case, so no label file
+    is read again. They are counted after preprocessing: a label that resampling
+    or ``crop_to_body`` removed everywhere is absent from training just the same.
+
+    Args:
+        manifest: A cache's manifest (:attr:`CachedDataset.manifest`).
+
+    Returns:
+        ``(dataset.json path, message)`` naming the absent labels and the number of
+        label files scanned, or None when every declared label occurs somewhere.
+    """
+    labelled = [entry for entry in manifest["cases"] if entry["labelled"]]
+    present = {int(value) for entry in labelled for value, count in entry["label_counts"].items() if count}
+    absent = sorted(((value, name) for name, value in manifest["labels"].items() if int(value) not in present))
+    if not absent:
+        return None
+    names = ", ".join(f"{name!r} ({value})" for value, name in absent)
+    return (str(Path(manifest["root"]) / "dataset.json"),
+            f"declared label(s) {names} occur in none of the {len(labelled)} label files scanned "
+            "(voxels counted after preprocessing); a network cannot learn them and scores Dice 0 on them")
 
 
 def _preprocess(

@@ -10,7 +10,8 @@ and preprocesses every training case once (or finds the cache already built),
 and prints a summary: cases per role, spacings and shapes before and after
 preprocessing, label voxel counts and raw intensity ranges. Problems with the
 input are printed one per line, ``PATH: message``, on standard error, and the
-exit status is 2.
+exit status is 2. So is a label declared in ``dataset.json`` that occurs in no
+label file (it would train to Dice 0), unless ``--allow-absent-labels``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from semiseg.data.cache import CachedDataset, build_cache, stderr_progress
+from semiseg.data.cache import CachedDataset, absent_label_problem, build_cache, stderr_progress
 from semiseg.data.errors import DatasetError
 from semiseg.data.layout import DatasetLayout, read_dataset
 from semiseg.data.preprocess import NORMALISATIONS, PreprocessSettings
@@ -53,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         roles = _roles(layout, args)
         info = build_cache(layout, settings, args.cache_root or default_cache_dir() / "prepared",
                            progress=stderr_progress(args.progress_every))
+        absent = absent_label_problem(CachedDataset(info.path).manifest)
+        if absent is not None and not args.allow_absent_labels:
+            raise DatasetError([(absent[0], f"{absent[1]}; fix the label files or dataset.json, or accept "
+                                            "them with --allow-absent-labels")])
+        if absent is not None:
+            print(f"warning: {absent[0]}: {absent[1]} (accepted: --allow-absent-labels)", file=sys.stderr)
     except DatasetError as error:
         for path, message in error.problems:
             print(f"{path}: {message}", file=sys.stderr)
@@ -183,6 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--progress-every", type=int, default=10, help="cases between progress lines")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--allow-absent-labels", action="store_true",
+                        help="accept, with a warning, labels of dataset.json that occur in no label file")
     return parser
 
 

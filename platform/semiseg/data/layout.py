@@ -16,9 +16,11 @@ of unlabelled images.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
+import stat
 import tempfile
 import zlib
 from collections.abc import Collection, Iterable, Mapping
@@ -35,6 +37,20 @@ REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 SUPPORTED_ENDINGS = (".nii.gz", ".nii")
 AFFINE_ATOL = 1e-3
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+MAX_VOXELS = 1024**3
+"""Most voxels one NIfTI file may declare in its header (every dimension multiplied,
+channels and time included), checked before any of its data is read.
+
+2**30 voxels are 4 GiB as float32, and loading holds a file's voxels at least twice
+(decoded array, float32 image), so a larger file is either corrupt, hostile, or too big
+for a training worker; the largest CT and MRI volumes of segmentation datasets (a
+512 x 512 x 2000 whole-body CT: 0.5 * 2**30) fit. Without this check a header declaring
+30000 x 30000 x 3000 voxels ends the study with a ``MemoryError``. The environment
+variable named by :data:`MAX_VOXELS_ENV` overrides it (read where a file is loaded, so
+it must also reach Ray workers that load cases).
+"""
+MAX_VOXELS_ENV = "SEMISEG_MAX_VOXELS"
 
 Problems = list[tuple[str, str]]
 
@@ -399,7 +415,7 @@ def _scan_training(
     root: Path, file_ending: str, num_channels: int | None, problems: Problems
 ) -> dict[str, tuple[tuple[Path, ...], Path | None]]:
     images, seen = _scan_images(root / "imagesTr", file_ending, num_channels, problems, required=True)
-    labels = _list_files(root / "labelsTr", file_ending)
+    labels = _list_files(root / "labelsTr", file_ending, problems)
     for case_id, label_path in sorted(labels.items()):
         if case_id not in seen and (root / "imagesTr").is_dir():
             problems.append(
@@ -424,7 +440,7 @@ def _scan_images(
             problems.append((str(folder), f"{folder.name} folder is missing"))
         return {}, set()
     by_case: dict[str, dict[int, Path]] = {}
-    for stem, path in _list_files(folder, file_ending).items():
+    for stem, path in _list_files(folder, file_ending, problems).items():
         match = _CHANNEL_RE.match(stem)
         if match is None:
             problems.append(
@@ -465,14 +481,108 @@ def _case_channels(
     return tuple(found[c] for c in range(num_channels)) if ok else None
 
 
-def _list_files(folder: Path, file_ending: str) -> dict[str, Path]:
+def _list_files(folder: Path, file_ending: str, problems: Problems) -> dict[str, Path]:
+    """Every entry named ``*{file_ending}`` (hidden ones aside), readable or not.
+
+    An entry that cannot be read (a broken symlink, a folder, no permission) is kept,
+    so that its case is neither dropped nor left unlabelled in silence, and its
+    reason is added to ``problems``.
+    """
     if not folder.is_dir():
         return {}
-    return {
-        p.name[: -len(file_ending)]: p
-        for p in sorted(folder.iterdir())
-        if p.name.endswith(file_ending) and not p.name.startswith(".") and p.is_file()
-    }
+    found: dict[str, Path] = {}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        problems.append((str(folder), f"cannot list folder: {os_error_reason(folder, exc)}"))
+        return found
+    for path in entries:
+        if path.name.endswith(file_ending) and not path.name.startswith("."):
+            reason = unreadable_reason(path)
+            if reason is not None:
+                problems.append((str(path), reason))
+            found[path.name[: -len(file_ending)]] = path
+    return found
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as a regular file, or None when it can.
+
+    Args:
+        path: A file of the dataset (symlinks are followed).
+
+    Returns:
+        ``"file does not exist"``, ``"symlink loop ..."``, ``"dangling symlink to X ..."``,
+        ``"permission denied"``, ``"is a directory, not a NIfTI file"``, ``"is not a
+        regular file ..."`` or the operating system's reason; None when readable.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return os_error_reason(path, exc)
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a NIfTI file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, FIFO or socket); NIfTI files must be plain files"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return os_error_reason(path, exc)
+    return None
+
+
+def os_error_reason(path: Path, exc: OSError) -> str:
+    """Say in words why the operating system refused to open ``path``.
+
+    Args:
+        path: The file.
+        exc: The error opening (or stat-ing) it raised.
+
+    Returns:
+        A short reason, e.g. ``"symlink loop: ..."`` or ``"dangling symlink to X (which does not exist)"``.
+    """
+    if exc.errno == errno.ELOOP:
+        return "symlink loop: the symlink never resolves to a file"
+    if exc.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return f"dangling symlink to {os.path.realpath(path)} (which does not exist)"
+        return "file does not exist"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EISDIR:
+        return "is a directory, not a NIfTI file"
+    return f"cannot read file: {exc.strerror or exc}"
+
+
+def max_voxels() -> int:
+    """The voxel limit of one file: ``$SEMISEG_MAX_VOXELS`` or :data:`MAX_VOXELS`.
+
+    Raises:
+        DatasetError: When the environment variable is not a positive integer.
+    """
+    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not raw:
+        return MAX_VOXELS
+    try:
+        limit = int(raw.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise DatasetError.single(MAX_VOXELS_ENV, f"must be a positive number of voxels, got {raw!r}")
+    return limit
+
+
+def _oversized(shape: tuple[int, ...]) -> str | None:
+    """The problem of a header declaring more voxels than :func:`max_voxels`, or None."""
+    count = 1
+    for size in shape:
+        count *= int(size)
+    limit = max_voxels()
+    if count <= limit:
+        return None
+    return (f"header declares shape {'x'.join(str(int(s)) for s in shape)} = {count:,} voxels, over the "
+            f"limit of {limit:,} voxels per file (set {MAX_VOXELS_ENV} to raise it); not reading its data")
 
 
 # --------------------------------------------------------------------------- loading
@@ -584,8 +694,14 @@ def _read_volume(path: Path, problems: Problems) -> _Volume | None:
 
 
 def _read_nifti(path: Path, problems: Problems) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]] | None:
+    shape_text = ""
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # lazy: reads the header only
+        shape_text = f" (shape {img.shape})"
+        too_big = _oversized(img.shape)
+        if too_big is not None:
+            problems.append((str(path), too_big))
+            return None
         data = np.asarray(img.get_fdata(dtype=np.float32))
         zooms = tuple(float(z) for z in img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)
@@ -594,7 +710,15 @@ def _read_nifti(path: Path, problems: Problems) -> tuple[np.ndarray, np.ndarray,
             (str(path), "file is truncated (compressed data ends early); re-copy or re-export it")
         )
         return None
-    except (nib.filebasedimages.ImageFileError, OSError, zlib.error, ValueError, TypeError) as exc:
+    except MemoryError:
+        problems.append((str(path), f"not enough memory to load its voxels{shape_text}"))
+        return None
+    except OSError as exc:
+        # gzip's BadGzipFile is an OSError without errno: a corrupt file, not an OS refusal.
+        reason = os_error_reason(path, exc) if exc.errno is not None else None
+        problems.append((str(path), reason or f"not a readable NIfTI file (corrupt or wrong format): {exc}"))
+        return None
+    except (nib.filebasedimages.ImageFileError, zlib.error, ValueError, TypeError) as exc:
         problems.append((str(path), f"not a readable NIfTI file (corrupt or wrong format): {exc}"))
         return None
     return data, affine, zooms

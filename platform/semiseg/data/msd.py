@@ -14,6 +14,13 @@ training entry without ``label`` (or with ``"label": null``) is unlabelled. The
 case id is the image file name without its ending. MSD ``labels`` map value to
 name, the inverse of nnU-Net v2; the returned layout uses nnU-Net's name to
 value form, so every later step sees one :class:`DatasetLayout`.
+
+**Entries stay inside the dataset folder.** ``dataset.json`` is data, often
+downloaded, so its entries may not name files elsewhere: an absolute entry, or
+one whose ``..`` components lead (after resolving symlinks) outside the folder,
+is refused. Symlinks placed *inside* the folder are followed wherever they
+point (``imagesTr -> /mnt/disk2/imagesTr``, a linked file, or a linked dataset
+folder): whoever made them chose that data, so data on another disk keeps working.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from semiseg.data.layout import (
     Problems,
     check_root,
     duplicate_case_problems,
+    os_error_reason,
     parse_channel_map,
     read_dataset_json,
+    unreadable_reason,
     with_extra_unlabelled,
 )
 
@@ -184,26 +193,56 @@ def _parse_test(root: Path, json_path: Path, raw: Any, packed: int, problems: Pr
 
 def _listed_file(root: Path, listed: str, where: str, what: str, problems: Problems) -> Path | None:
     path = root / listed
+    outside = _outside_reason(root, listed)
+    if outside is not None:
+        problems.append((str(root / "dataset.json"), f"{where} {what} {listed!r} {outside}"))
+        return None
     if _ending(path) is None:
         problems.append(
             (str(path), f"{what} listed in dataset.json {where} is not a NIfTI file (use one of {SUPPORTED_ENDINGS})")
         )
         return None
-    if not path.is_file():
+    reason = unreadable_reason(path)
+    if reason == "file does not exist":
         problems.append((str(path), f"{what} listed in dataset.json {where} does not exist"))
         return None
+    if reason is not None:
+        problems.append((str(path), f"{what} listed in dataset.json {where}: {reason}"))
+        return None
     return path
+
+
+def _outside_reason(root: Path, listed: str) -> str | None:
+    """Why an entry of ``dataset.json`` points outside the dataset folder, or None (see the module doc)."""
+    entry = Path(listed)
+    if entry.is_absolute():
+        return "is an absolute path; entries must be relative to the dataset folder"
+    if ".." not in entry.parts:
+        return None  # only symlinks placed inside the folder can lead elsewhere, and those are followed
+    try:
+        target = (root / entry).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        return f"cannot be resolved ({exc}); entries must be plain paths inside the dataset folder"
+    if not target.is_relative_to(root.resolve()):
+        return f"resolves to {target}, outside the dataset folder {root}; entries must stay inside it"
+    return None
 
 
 def _scan_extra(folder: Path, packed: int, problems: Problems) -> tuple[CaseFiles, ...]:
     if not folder.is_dir():
         problems.append((str(folder), "extra unlabelled folder is missing"))
         return ()
-    cases = tuple(
-        CaseFiles(_case_id(path), (path,), None, packed)
-        for path in sorted(folder.iterdir())
-        if path.is_file() and not path.name.startswith(".") and _ending(path) is not None
-    )
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        problems.append((str(folder), f"cannot list folder: {os_error_reason(folder, exc)}"))
+        return ()
+    paths = [path for path in entries if not path.name.startswith(".") and _ending(path) is not None]
+    for path in paths:
+        reason = unreadable_reason(path)
+        if reason is not None:
+            problems.append((str(path), reason))
+    cases = tuple(CaseFiles(_case_id(path), (path,), None, packed) for path in paths)
     if not cases:
         problems.append((str(folder), "no unlabelled images found (expected files like CASE.nii.gz)"))
     return cases
