@@ -68,11 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    from semiseg.tracking import redact_uri
+
     command = ui_command(uri, args.port)
     if args.dry_run:
-        print(" ".join(command))
+        print(" ".join(redact_uri(part) for part in command))
         return 0
-    print(f"MLflow UI of {uri}: http://{HOST}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI of {redact_uri(uri)}: http://{HOST}:{args.port} (Ctrl-C to stop)", flush=True)
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:

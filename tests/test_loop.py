@@ -8,7 +8,7 @@ import torch
 from semiseg.config import ExperimentConfig
 from semiseg.data.prepared import prepare_split
 from semiseg.data.source import prepared_cache_root, resolve_dataset
-from semiseg.methods import build_method
+from semiseg.methods import build_method, method_names
 from semiseg.train.loop import _build_context, apply_memory_format, run_training
 from semiseg.train.session import LocalSession
 
@@ -107,8 +107,38 @@ def test_checkpoints_carry_the_best_overlay_and_model_spec(tiny_config, tmp_path
     image = np.asarray(Image.open(io.BytesIO((folder / "overlay.png").read_bytes())))
     assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
     assert image.shape[0] * 3 < image.shape[1] * 1.2, "three panels side by side"
-    payload = torch.load(folder / "state.pt", weights_only=False)
+    payload = torch.load(folder / "state.pt", weights_only=True)
     assert payload["model_spec"]["num_classes"] == 2 and payload["model_spec"]["in_channels"] == 1
+
+
+def _plain_types(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_types(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain_types(v) for v in value)
+    return value is None or type(value) in (bool, int, float, str)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_methods_checkpoint_loads_with_weights_only(tiny_config, tmp_path, method):
+    """Checkpoints may sit in shared storage: loading one must not run code (no pickled classes in it)."""
+    session = LocalSession(tmp_path / "ckpt")
+    run_training({**tiny_config, "method.name": method, "train.max_epochs": 1}, session)
+    path = session.latest / "state.pt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["torch_rng"].dtype == torch.uint8
+    assert _plain_types(payload["loop"]) and _plain_types(payload["model_spec"])
+    assert payload["loop"]["history"] and all(type(v) in (int, float) for v in payload["loop"]["history"][0].values())
+
+
+def test_numpy_metrics_are_saved_as_plain_numbers():
+    import numpy as np
+
+    from semiseg.train.loop import _plain
+
+    saved = _plain({"history": [{"val/hd95": np.float64(2.5), "epoch": np.int64(1)}], "shape": (np.int32(4), 2)})
+    assert saved == {"history": [{"val/hd95": 2.5, "epoch": 1}], "shape": (4, 2)} and _plain_types(saved)
 
 
 @pytest.mark.parametrize(("overrides", "layout"), [

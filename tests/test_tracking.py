@@ -116,3 +116,162 @@ def test_an_epoch_re_reported_after_a_retry_is_logged_once(tmp_path):
     history = tracker.client.get_metric_history(callback.run_ids["t1"], "val/dice")
     assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
     assert callback.trial_status("t1") == "completed"
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("http://alice:s3cret@127.0.0.1:5000", "http://alice:***@127.0.0.1:5000"),
+    ("https://alice:p%40ss%3Aw@mlflow.example.org/prefix/", "https://alice:***@mlflow.example.org/prefix/"),
+    ("postgresql://bob:pw@db.example.org:5432/mlflow", "postgresql://bob:***@db.example.org:5432/mlflow"),
+    ("mysql+pymysql://bob:pw@db/mlflow?charset=utf8", "mysql+pymysql://bob:***@db/mlflow?charset=utf8"),
+    ("https://ghp_token123@host/x", "https://***@host/x"),
+    ("http://host:5000/?token=abc&x=1&password=p&sig=zz", "http://host:5000/?token=***&x=1&password=***&sig=***"),
+    ("mssql+pyodbc://db/?odbc_connect=DRIVER%3Dx%3BPWD%3Dhunter2", "mssql+pyodbc://db/?odbc_connect=***"),
+    ("sqlite:////abs/runs/mlflow.db", "sqlite:////abs/runs/mlflow.db"),
+    ("/abs/runs/mlruns", "/abs/runs/mlruns"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("s3://bucket/prefix", "s3://bucket/prefix"),
+    ("", ""),
+])
+def test_redact_uri_hides_every_secret(uri, shown):
+    from semiseg.tracking import redact_uri, scrub
+
+    assert redact_uri(uri) == shown
+    assert redact_uri(shown) == shown, "idempotent"
+    for secret in ("s3cret", "p@ss:w", "p%40ss%3Aw", "ghp_token123", "hunter2"):
+        assert secret not in shown
+        assert secret not in scrub(f"request to {uri}/api failed: {uri.split('@')[0]}", uri)
+
+
+def test_ui_command_and_warnings_never_show_the_password():
+    assert mlflow_ui_command("http://alice:s3cret@127.0.0.1:5000") == "open http://alice:***@127.0.0.1:5000"
+    assert "s3cret" not in mlflow_ui_command("postgresql://alice:s3cret@db/mlflow")
+    tracker = Tracker("http://alice:s3cret@127.0.0.1:9")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tracker.reachable(timeout_s=2) is False
+    (message,) = [str(w.message) for w in caught]
+    assert "unreachable" in message and "alice:***@127.0.0.1:9" in message and "s3cret" not in message
+
+
+@pytest.fixture()
+def health_server():
+    """A tiny HTTP server on 127.0.0.1: GET /health answers 200 if the Basic credentials are alice:s3cret."""
+    import base64
+    import http.server
+    import threading
+
+    seen: list[tuple[str, str | None]] = []
+    good = "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            auth = self.headers.get("Authorization")
+            seen.append((self.path, auth))
+            ok = self.path == "/health" and auth in (good, "Bearer tok-123")
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"no")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_probe_sends_the_uri_credentials_as_basic_auth(health_server, monkeypatch):
+    port, seen = health_server
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    assert Tracker(f"http://alice:s3cr%40t@127.0.0.1:{port}/").reachable(timeout_s=5) is True
+    assert seen[-1][0] == "/health", "the userinfo is not part of the requested URL"
+    with pytest.warns(RuntimeWarning, match="unreachable") as caught:
+        assert Tracker(f"http://alice:wrong@127.0.0.1:{port}").reachable(timeout_s=5) is False
+    assert "wrong" not in str(caught[0].message)
+
+
+def test_probe_uses_mlflows_environment_credentials(health_server, monkeypatch):
+    port, seen = health_server
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr@t")
+    assert Tracker(f"http://127.0.0.1:{port}").reachable(timeout_s=5) is True
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123")
+    assert Tracker(f"http://127.0.0.1:{port}").reachable(timeout_s=5) is True
+    assert seen[-1] == ("/health", "Bearer tok-123")
+
+
+def test_mlflow_client_sends_the_same_credentials_as_the_probe(health_server, monkeypatch):
+    """What the probe assumes of MLflow's REST client: a userinfo becomes the Basic auth it sends."""
+    port, seen = health_server
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = Tracker(f"http://alice:s3cr%40t@127.0.0.1:{port}")
+    tracker.reachable(timeout_s=5)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        tracker.experiment_id("study")
+    import base64
+
+    client_auth = [auth for path, auth in seen if path.startswith("/api/")]
+    assert client_auth and client_auth[0] == "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+    assert seen[0][1] == client_auth[0]
+
+
+def test_tracker_pickles_without_the_secret_and_gets_it_back_in_this_process(tmp_path):
+    import pickle
+
+    from semiseg import tracking
+
+    tracker = Tracker("http://alice:pickled-pw@127.0.0.1:9")
+    data = pickle.dumps(tracker)
+    assert b"pickled-pw" not in data and b"alice:***@127.0.0.1:9" in data
+    assert pickle.loads(data).tracking_uri == "http://alice:pickled-pw@127.0.0.1:9"
+    tracking._KNOWN_URIS.pop("http://alice:***@127.0.0.1:9")
+    assert pickle.loads(data).tracking_uri == "http://alice:***@127.0.0.1:9", "never a guessed secret"
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////tmp/x.db", "/tmp/mlruns", "relative/mlruns", "file:///tmp/mlruns",
+                                 "http://127.0.0.1:9", "https://alice:pw@host", "databricks", "databricks://profile",
+                                 "sqlite+pysqlite:////tmp/x.db", None])
+def test_tracking_uris_mlflow_accepts_pass_the_check(uri):
+    from semiseg.tracking import check_tracking_uri
+
+    check_tracking_uri(uri)
+
+
+def test_unknown_scheme_is_refused_naming_the_redacted_uri_and_the_schemes():
+    from semiseg.config import ConfigError
+    from semiseg.tracking import check_tracking_uri
+
+    with pytest.raises(ConfigError) as caught:
+        check_tracking_uri("garbage://alice:s3cret@x")
+    message = str(caught.value)
+    assert "garbage://alice:***@x" in message and "s3cret" not in message
+    assert all(scheme in message for scheme in ("http", "https", "sqlite", "postgresql", "mysql", "databricks"))
+
+
+def test_database_without_its_driver_is_refused_naming_the_package(monkeypatch):
+    import importlib.util
+
+    from semiseg.config import ConfigError
+    from semiseg.tracking import check_tracking_uri
+
+    if importlib.util.find_spec("psycopg") or importlib.util.find_spec("MySQLdb"):
+        pytest.skip("a database driver is installed here")
+    with pytest.raises(ConfigError, match=r"psycopg.*pip install 'psycopg\[binary\]'") as caught:
+        check_tracking_uri("postgresql://alice:s3cret@db.example.org/mlflow")
+    assert "s3cret" not in str(caught.value) and "alice:***@db.example.org" in str(caught.value)
+    with pytest.raises(ConfigError, match="pip install mysqlclient"):
+        check_tracking_uri("mysql://alice:s3cret@db/mlflow")
+    with pytest.raises(ConfigError, match="no driver"):
+        check_tracking_uri("postgresql+nosuchdriver://db/mlflow")

@@ -12,15 +12,17 @@ its results stay in Ray's storage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,186 @@ ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
 CONFIG_ARTIFACT = "config.json"
 MAX_PARAMS_PER_BATCH = 100
+REDACTED = "***"
+_SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token|key|credential|auth|signature|sig$|sas|odbc_connect", re.I)
+_MIN_SCRUBBED_LENGTH = 3
+_SUPPRESS_RUN_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+_KNOWN_URIS: dict[str, str] = {}
+"""Redacted URI -> the URI with its secrets, for Trackers unpickled in this process (see ``__setstate__``)."""
+
+HTTP_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql")
+"""MLflow's ``DATABASE_ENGINES``: SQLAlchemy stores, each also as ``<engine>+<driver>``."""
+TRACKING_SCHEMES = ("file", *HTTP_SCHEMES, "databricks", *DATABASE_SCHEMES)
+"""The tracking-store schemes MLflow 3 accepts besides plain paths (plugins add theirs by entry point)."""
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL", "pyodbc": "pyodbc", "pymssql": "pymssql", "pg8000": "pg8000",
+                   "mysql": "mysql-connector-python", "mariadb": "mariadb", "asyncpg": "asyncpg"}
+"""pip package of a database driver module SQLAlchemy imports."""
+
+
+def redact_uri(uri: str | None) -> str:
+    """``uri`` with its secrets replaced by ``***``, safe to print, log, write or send to MLflow.
+
+    The password of the userinfo (``http://user:***@host``, ``postgresql://user:***@host/db``); a
+    userinfo without a password, which is usually a token, as a whole (``https://***@host``); and the
+    values of query parameters named like a secret (``?password=***``, ``token=``, ``sig=``,
+    ``odbc_connect=``...). Plain paths and URIs without secrets come back unchanged.
+    """
+    if not uri:
+        return uri or ""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return REDACTED if "@" in uri else uri
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{hostport}" if colon else f"{REDACTED}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = []
+        for pair in query.split("&"):
+            key, equals, _ = pair.partition("=")
+            pairs.append(f"{key}={REDACTED}" if equals and _SECRET_QUERY_KEY.search(unquote(key)) else pair)
+        query = "&".join(pairs)
+    if netloc == parts.netloc and query == parts.query:
+        return uri
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def uri_secrets(uri: str | None) -> list[str]:
+    """The secret parts of ``uri`` as written and percent-decoded (what :func:`redact_uri` hides)."""
+    if not uri:
+        return []
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return []
+    found = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    for pair in parts.query.split("&") if parts.query else []:
+        key, equals, value = pair.partition("=")
+        if equals and _SECRET_QUERY_KEY.search(unquote(key)):
+            found.append(value)
+    secrets = {text for value in found for text in (value, unquote(value), unquote(value.replace("+", " ")))}
+    return sorted((s for s in secrets if s), key=len, reverse=True)
+
+
+def scrub(text: str, *uris: str | None) -> str:
+    """``text`` (e.g. an error message) with every secret of ``uris`` replaced by ``***``.
+
+    Secrets shorter than 3 characters are only hidden as part of the whole URI.
+    """
+    for uri in uris:
+        if not uri:
+            continue
+        text = text.replace(uri, redact_uri(uri))
+        for secret in uri_secrets(uri):
+            if len(secret) >= _MIN_SCRUBBED_LENGTH:
+                text = text.replace(secret, REDACTED)
+    return text
+
+
+@contextlib.contextmanager
+def quiet_run_links(uri: str | None) -> Iterator[None]:
+    """While inside, MLflow does not print its "View run ... at: <URI>/#/..." links if ``uri`` has secrets.
+
+    MLflow's client prints them when a run on a server ends, with the tracking URI as given,
+    credentials included (``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT``, read at each call, turns
+    them off).
+    """
+    if not uri or redact_uri(uri) == uri:
+        yield
+        return
+    previous = os.environ.get(_SUPPRESS_RUN_LINKS)
+    os.environ[_SUPPRESS_RUN_LINKS] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_SUPPRESS_RUN_LINKS, None)
+        else:
+            os.environ[_SUPPRESS_RUN_LINKS] = previous
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """Refuse a tracking URI MLflow cannot use, on the driver before anything starts.
+
+    A scheme MLflow does not know, or a database whose SQLAlchemy driver is not importable, is
+    a configuration mistake. A server that does not answer is not checked here: it keeps the
+    study going with one warning (:meth:`Tracker.reachable`).
+
+    Raises:
+        ConfigError: naming the (redacted) URI and the allowed schemes or the package to install.
+    """
+    from urllib.parse import urlsplit
+
+    from semiseg.config import ConfigError
+
+    if uri is None:
+        return
+    shown = redact_uri(uri)
+    if not uri.strip():
+        raise ConfigError("--tracking-uri is empty; give an MLflow URI or leave the flag out")
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as error:
+        raise ConfigError(f"--tracking-uri {shown} is not a valid URI ({scrub(str(error), uri)})") from None
+    if scheme == "" or (len(scheme) == 1 and scheme.isalpha()):
+        return
+    engine = scheme.split("+", 1)[0]
+    plugins = _tracking_store_plugins()
+    if scheme in plugins:
+        return
+    if scheme not in TRACKING_SCHEMES and not (engine in DATABASE_SCHEMES and scheme.count("+") == 1):
+        allowed = ", ".join([*TRACKING_SCHEMES, *sorted(plugins)])
+        raise ConfigError(f"--tracking-uri {shown}: MLflow has no tracking store for the scheme {scheme!r}; "
+                          f"use a local path or one of {allowed} (databases also as <engine>+<driver>)")
+    if engine in DATABASE_SCHEMES:
+        _check_database_driver(uri, shown)
+
+
+def _tracking_store_plugins() -> set[str]:
+    """Schemes that installed MLflow plugins register (entry point group ``mlflow.tracking_store``)."""
+    from importlib.metadata import entry_points
+
+    return {entry.name.lower() for entry in entry_points(group="mlflow.tracking_store")}
+
+
+def _check_database_driver(uri: str, shown: str) -> None:
+    """The SQLAlchemy dialect of ``uri`` and its driver module import (what MLflow's store will need)."""
+    from semiseg.config import ConfigError
+
+    try:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    except ImportError:
+        raise ConfigError(f"--tracking-uri {shown}: a database store needs sqlalchemy (pip install sqlalchemy)"
+                          ) from None
+    try:
+        dialect = make_url(uri).get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"--tracking-uri {shown}: SQLAlchemy knows no driver {uri.split(':', 1)[0]!r}") from None
+    except (ArgumentError, ValueError) as error:
+        raise ConfigError(f"--tracking-uri {shown} is not a valid database URL ({scrub(str(error), uri)})"
+                          ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        module = (getattr(error, "name", None) or dialect.driver).split(".", 1)[0]
+        package = DRIVER_PACKAGES.get(module, module)
+        raise ConfigError(f"--tracking-uri {shown}: the database driver {module} of {dialect.name}+{dialect.driver} "
+                          f"is not installed ({error}); install it (pip install {package}) or name an installed "
+                          f"driver in the scheme ({dialect.name}+<driver>://...)") from None
 
 
 def default_tracking_uri(runs_root: Path) -> str:
@@ -60,10 +242,56 @@ def default_tracking_uri(runs_root: Path) -> str:
 
 
 def mlflow_ui_command(tracking_uri: str, port: int = 5000) -> str:
-    """The command that opens the MLflow UI on a store, bound to loopback only."""
+    """The command that opens the MLflow UI on a store, bound to loopback only (secrets as ``***``)."""
+    shown = redact_uri(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {port}"
+        return f"open {shown}"
+    return f"mlflow ui --backend-store-uri {shown} --host 127.0.0.1 --port {port}"
+
+
+def health_request(tracking_uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether the ``http(s)://`` MLflow server of ``tracking_uri`` answers ``/health`` with 200.
+
+    Authenticates as MLflow's REST client does: MLflow hands the whole URI to ``requests``, which
+    sends a userinfo ``user:password@`` as HTTP Basic auth (over MLflow's own header); otherwise
+    MLflow sends ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` (or its credentials file) as Basic
+    auth, or ``MLFLOW_TRACKING_TOKEN`` as a Bearer token. The requested URL never carries the
+    userinfo (urllib cannot parse it). TLS follows ``MLFLOW_TRACKING_INSECURE_TLS`` and
+    ``MLFLOW_TRACKING_SERVER_CERT_PATH``.
+
+    Raises:
+        OSError: the server does not answer (``urllib.error.URLError``, timeouts), or answers an
+            HTTP error status (``urllib.error.HTTPError``, e.g. 401 for refused credentials).
+    """
+    import base64
+    import ssl
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from mlflow.utils.credentials import get_default_host_creds
+
+    parts = urlsplit(tracking_uri)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    url = urlunsplit((parts.scheme, hostport, f"{parts.path.rstrip('/')}/health", "", ""))
+    creds = get_default_host_creds(url)
+    user, colon, password = userinfo.partition(":")
+    headers = {}
+    if at and colon:
+        basic = (unquote(user), unquote(password))
+    else:
+        basic = (creds.username, creds.password) if creds.username and creds.password else None
+    if basic:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
+    elif creds.token:
+        headers["Authorization"] = f"Bearer {creds.token}"
+    context = None
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cafile=creds.server_cert_path or None)
+        if creds.ignore_tls_verification:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
+        return response.status == 200
 
 
 def loggable_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -90,12 +318,30 @@ class Tracker:
         self.artifact_root = artifact_root
         self.enabled = True
         self._client = None
+        if redact_uri(tracking_uri) != tracking_uri:
+            _KNOWN_URIS[redact_uri(tracking_uri)] = tracking_uri
+
+    @property
+    def display_uri(self) -> str:
+        """The tracking URI with its secrets as ``***`` (for messages)."""
+        return redact_uri(self.tracking_uri)
 
     def __getstate__(self) -> dict:
-        """Pickle without the client (Tune pickles callbacks into its experiment state)."""
+        """Pickle without the client and without the URI's secrets.
+
+        Tune pickles callbacks, and so this tracker, into ``tuner.pkl`` in the study's storage.
+        A tracker unpickled in a process that built one with the full URI (a resumed study: the
+        URI comes from the command line again) gets the secrets back in :meth:`__setstate__`.
+        """
         state = dict(self.__dict__)
         state["_client"] = None
+        state["tracking_uri"] = redact_uri(self.tracking_uri)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore, with the full URI when this process knows it."""
+        self.__dict__.update(state)
+        self.tracking_uri = _KNOWN_URIS.get(self.tracking_uri, self.tracking_uri)
 
     def reachable(self, timeout_s: float = 5.0) -> bool:
         """For an ``http(s)://`` store, whether its ``/health`` answers within ``timeout_s``.
@@ -105,19 +351,17 @@ class Tracker:
         """
         if not self.enabled or not self.tracking_uri.startswith(("http://", "https://")):
             return self.enabled
-        import urllib.request
-
         try:
-            with urllib.request.urlopen(f"{self.tracking_uri.rstrip('/')}/health", timeout=timeout_s) as response:
-                ok = response.status == 200
-        except OSError as error:
+            ok = health_request(self.tracking_uri, timeout_s)
+        except (OSError, ValueError) as error:
             ok, reason = False, error
         else:
             reason = "no OK from /health"
         if not ok:
             self.enabled = False
-            warnings.warn(f"MLflow at {self.tracking_uri} is unreachable ({reason}); tracking is off for this "
-                          "study, results stay in Ray's storage", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"MLflow at {self.display_uri} is unreachable ({scrub(str(reason), self.tracking_uri)}); "
+                          "tracking is off for this study, results stay in Ray's storage", RuntimeWarning,
+                          stacklevel=2)
         return ok
 
     @property
@@ -133,14 +377,16 @@ class Tracker:
         if not self.enabled:
             return None
         try:
-            return fn(*args, **kwargs)
+            with quiet_run_links(self.tracking_uri):
+                return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any tracking failure must not stop the study
             if _is_rejected_request(error):
-                warnings.warn(f"MLflow at {self.tracking_uri} rejected a request to {action} ({error})",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(f"MLflow at {self.display_uri} rejected a request to {action} "
+                              f"({scrub(str(error), self.tracking_uri)})", RuntimeWarning, stacklevel=2)
                 return None
             self.enabled = False
-            warnings.warn(f"MLflow at {self.tracking_uri} failed while trying to {action} ({error}); "
+            warnings.warn(f"MLflow at {self.display_uri} failed while trying to {action} "
+                          f"({scrub(str(error), self.tracking_uri)}); "
                           "tracking is off for the rest of this study, results stay in Ray's storage",
                           RuntimeWarning, stacklevel=2)
             return None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from semiseg.report.store import ReportStore, StoreError, StudyNotFoundError, StudyRecord, TrialRun
+from semiseg.tracking import redact_uri
 
 __all__ = ["ReportStore", "StoreError", "StudyNotFoundError", "StudyRecord", "TrialRun", "render_report",
            "write_report"]
@@ -50,7 +51,7 @@ def render_report(tracking_uri: str, studies: Sequence[str] | None = None) -> st
     names = list(studies) if studies else store.study_names()
     records = [store.load_study(name) for name in names]
     views = [build_study_view(record, store.read_artifact) for record in records]
-    return render_page(views, tracking_uri)
+    return render_page(views, redact_uri(tracking_uri))
 
 
 def write_report(tracking_uri: str, studies: Sequence[str] | None, out: Path) -> Path:

@@ -13,14 +13,14 @@ import math
 import re
 import tempfile
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import unquote, urlparse
 
 from semiseg.tracking import (METRIC_EPOCH, METRIC_VAL_DICE, METRIC_VAL_DICE_BEST, ROLE_STUDY, ROLE_TRIAL,
-                              STATUS_ORPHANED, TAG_METHOD, TAG_PARENT, TAG_PHASE, TAG_ROLE, TAG_STATUS, TAG_TRIAL_ID)
+                              STATUS_ORPHANED, TAG_METHOD, TAG_PARENT, TAG_PHASE, TAG_ROLE, TAG_STATUS, TAG_TRIAL_ID,
+                              health_request, redact_uri, scrub)
 
 RESULTS_ARTIFACT = "results.json"
 TAG_OPTUNA_STORAGE = "semiseg.optuna_storage"
@@ -228,14 +228,15 @@ class ReportStore:
         """
         experiment = self._call("read the experiment", self.client.get_experiment_by_name, name)
         if experiment is None:
-            raise StudyNotFoundError(f"no study {name!r} in the MLflow store {self.tracking_uri}")
+            raise StudyNotFoundError(f"no study {name!r} in the MLflow store {redact_uri(self.tracking_uri)}")
         runs = self._search_all(experiment.experiment_id)
         parents = sorted((r for r in runs if r.data.tags.get(TAG_ROLE) == ROLE_STUDY),
                          key=lambda r: r.info.start_time or 0, reverse=True)
         children = [r for r in runs if r.data.tags.get(TAG_ROLE) == ROLE_TRIAL
                     and r.data.tags.get(TAG_STATUS) != STATUS_ORPHANED]
         if not parents and not children:
-            raise StudyNotFoundError(f"experiment {name!r} in {self.tracking_uri} has no semiseg study runs")
+            raise StudyNotFoundError(f"experiment {name!r} in {redact_uri(self.tracking_uri)} has no semiseg "
+                                     "study runs")
         with_trials = [p for p in parents if any(c.data.tags.get(TAG_PARENT) == p.info.run_id for c in children)]
         chosen = (with_trials or parents or [None])[0]
         if chosen is not None:
@@ -312,7 +313,8 @@ class ReportStore:
         try:
             return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any client failure becomes one clear StoreError
-            raise StoreError(f"MLflow store {self.tracking_uri} failed to {action}: {error}") from error
+            raise StoreError(f"MLflow store {redact_uri(self.tracking_uri)} failed to {action}: "
+                             f"{scrub(str(error), self.tracking_uri)}") from None
 
 
 def check_store(tracking_uri: str) -> None:
@@ -322,17 +324,17 @@ def check_store(tracking_uri: str) -> None:
         StoreError: naming the missing file or folder, or the server that did not answer.
     """
     parsed = urlparse(tracking_uri)
+    shown = redact_uri(tracking_uri)
     if parsed.scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as reply:
-                if reply.status != 200:
-                    raise StoreError(f"MLflow server {tracking_uri} answered /health with status {reply.status}")
-        except (urllib.error.URLError, OSError) as error:
-            raise StoreError(f"MLflow server {tracking_uri} does not answer ({error})") from None
+            if not health_request(tracking_uri, HEALTH_TIMEOUT_S):
+                raise StoreError(f"MLflow server {shown} answered /health without OK")
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise StoreError(f"MLflow server {shown} does not answer ({scrub(str(error), tracking_uri)})") from None
         return
     local = local_store_path(tracking_uri)
     if local is not None and not local.exists():
-        raise StoreError(f"no MLflow store at {local} (from {tracking_uri})")
+        raise StoreError(f"no MLflow store at {local} (from {shown})")
 
 
 def local_store_path(tracking_uri: str) -> Path | None:

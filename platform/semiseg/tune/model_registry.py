@@ -14,7 +14,7 @@ import torch
 
 import semiseg
 from semiseg.models import build_model
-from semiseg.tracking import TAG_PHASE, TAG_TRIAL_ID, Tracker
+from semiseg.tracking import TAG_PHASE, TAG_TRIAL_ID, Tracker, quiet_run_links, scrub
 from semiseg.train.loop import CHECKPOINT_FILE
 from semiseg.tune.results import TrialRow
 
@@ -75,7 +75,7 @@ def load_best_model(row: TrialRow) -> tuple[torch.nn.Module, np.ndarray]:
     from ray.tune import Checkpoint
 
     with Checkpoint(row.checkpoint).as_directory() as folder:
-        payload = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=False)
+        payload = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True)
     spec, state = payload.get("model_spec"), payload.get("best_eval_state")
     if spec is None or state is None:
         raise ValueError(f"checkpoint {row.checkpoint} holds no best model")
@@ -104,20 +104,39 @@ def register_best_models(rows: Sequence[TrialRow], tracker: Tracker, experiment_
 
     registered = []
     requirements = serving_requirements()
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    for method, row in sorted(best_rows_by_method(rows).items()):
-        run_id = tracker.find_run(experiment_id, {TAG_TRIAL_ID: row.trial_id, TAG_PHASE: row.phase})
-        if run_id is None:
-            continue
-        name = registered_model_name(study, method)
-        try:
-            network, example = load_best_model(row)
-            with mlflow.start_run(run_id=run_id):
-                mlflow.pytorch.log_model(network, name="model", registered_model_name=name,
-                                         serialization_format="pickle", input_example=example,
-                                         pip_requirements=requirements,
-                                         code_paths=[str(Path(semiseg.__file__).parent)])
-            registered.append(name)
-        except Exception as error:  # noqa: BLE001 - the registry is a convenience, never a failure
-            warnings.warn(f"could not register the best {method} model ({error})", RuntimeWarning, stacklevel=2)
+    with _fluent_tracking_uri(tracker.tracking_uri), quiet_run_links(tracker.tracking_uri):
+        for method, row in sorted(best_rows_by_method(rows).items()):
+            run_id = tracker.find_run(experiment_id, {TAG_TRIAL_ID: row.trial_id, TAG_PHASE: row.phase})
+            if run_id is None:
+                continue
+            name = registered_model_name(study, method)
+            try:
+                network, example = load_best_model(row)
+                with mlflow.start_run(run_id=run_id):
+                    mlflow.pytorch.log_model(network, name="model", registered_model_name=name,
+                                             serialization_format="pickle", input_example=example,
+                                             pip_requirements=requirements,
+                                             code_paths=[str(Path(semiseg.__file__).parent)])
+                registered.append(name)
+            except Exception as error:  # noqa: BLE001 - the registry is a convenience, never a failure
+                warnings.warn(f"could not register the best {method} model "
+                              f"({scrub(str(error), tracker.tracking_uri)})", RuntimeWarning, stacklevel=2)
     return registered
+
+
+def _fluent_tracking_uri(uri: str):
+    """MLflow's global tracking URI set to ``uri`` while inside, the previous one back after.
+
+    MLflow also exports it as ``MLFLOW_TRACKING_URI``, which every later subprocess of the driver
+    would inherit with the URI's credentials. (Left set, as before, if MLflow moved its helper.)
+    """
+    import contextlib
+
+    import mlflow
+
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:
+        mlflow.set_tracking_uri(uri)
+        return contextlib.nullcontext()
+    return _use_tracking_uri(uri)
