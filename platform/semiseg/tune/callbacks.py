@@ -9,6 +9,7 @@ from typing import Any
 from ray.tune import Callback
 
 from semiseg.train.loop import OVERLAY_FILE, expand_trial_config
+from semiseg.tune.failures import ERROR_KEY, describe_error
 from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, STATUS_ORPHANED, TAG_PARENT, TAG_PHASE,
                               TAG_STATUS, TAG_TRIAL_ID,
                               Tracker, flatten_for_params, loggable_metrics, trial_tags)
@@ -19,6 +20,8 @@ STATUS_COMPLETED = "completed"
 STATUS_STOPPED = "stopped_early"
 STATUS_DIVERGED = "diverged"
 STATUS_ERROR = "error"
+TAG_ERROR = "semiseg.error"
+"""Tag of a FAILED trial run: ``Type: message`` of the error it ended with."""
 
 
 class MlflowTrialCallback(Callback):
@@ -48,6 +51,7 @@ class MlflowTrialCallback(Callback):
         self.run_ids: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
         self.diverged: set[str] = set()
+        self.errors: dict[str, str] = {}
 
     def _run_for(self, trial: Any) -> str | None:
         if trial.trial_id in self.run_ids:
@@ -81,6 +85,9 @@ class MlflowTrialCallback(Callback):
         metrics). The re-report is not logged again, so each step has one value.
         """
         run_id = self._run_for(trial)
+        if result.get(ERROR_KEY):
+            self.errors[trial.trial_id] = str(result[ERROR_KEY])
+            return
         epoch = int(result.get(METRIC_EPOCH, 0))
         if result.get(METRIC_DIVERGED):
             self.diverged.add(trial.trial_id)
@@ -140,8 +147,18 @@ class MlflowTrialCallback(Callback):
                 self.tracker.end_run(run.info.run_id, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        """Close the run as FAILED."""
+        """Close the run as FAILED, tagged with the error (``Type: message``)."""
         run_id = self._run_for(trial)
         if run_id is not None:
-            self.tracker.set_tags(run_id, {TAG_STATUS: STATUS_ERROR})
+            self.tracker.set_tags(run_id, {TAG_STATUS: STATUS_ERROR, TAG_ERROR: self._error_of(trial)})
             self.tracker.end_run(run_id, "FAILED")
+
+    def _error_of(self, trial: Any) -> str:
+        """The trial's error in one line: what it reported, else its pickled exception."""
+        if trial.trial_id in self.errors:
+            return self.errors[trial.trial_id]
+        try:
+            return describe_error(trial.get_pickled_error()) or "unknown error"
+        except Exception as error:  # noqa: BLE001 - a tag is not worth failing the callback
+            log.warning("no error description for trial %s: %s", trial.trial_id, error)
+            return "unknown error"

@@ -116,6 +116,24 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
                      ranges=ranges)
 
 
+def check_paths(args: StudyArgs) -> None:
+    """``--storage-path`` (a local one) and ``--state-dir`` must be folders or creatable as folders.
+
+    Raises:
+        ConfigError: naming the flag and the path that is a file (the path itself, or a
+            parent of it).
+    """
+    paths = [] if is_uri(args.storage_path) else [("--storage-path", Path(args.storage_path))]
+    paths.append(("--state-dir", args.state_dir))
+    for flag, path in paths:
+        for folder in (path, *path.parents):
+            if folder.exists() and not folder.is_dir():
+                where = "is a file" if folder == path else f"is under {folder}, which is a file"
+                raise ConfigError(f"{flag} {path}: {where}, not a folder; give a folder (it is created if missing)")
+            if folder.exists():
+                break
+
+
 def parse_range(text: str) -> tuple[str, float, float]:
     """``NAME=LOW:HIGH`` → (name, low, high).
 

@@ -8,6 +8,10 @@ from typing import Any, Iterable, Sequence
 
 from semiseg.train.loop import expand_trial_config
 from semiseg.tracking import METRIC_DIVERGED, METRIC_EPOCH, METRIC_TEST_DICE, METRIC_VAL_DICE
+from semiseg.tune.failures import ERROR_KEY, describe_error
+
+ERROR_FILE = "error.txt"
+"""Tune's text record of a trial's failures, in the trial's folder (one ``Failure #`` per attempt)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class TrialRow:
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     checkpoint: str = ""
+    error: str = ""
+    """``Type: message`` of the error an errored trial ended with (one line)."""
+    error_file: str = ""
+    """Where Tune wrote the error's traceback (the trial folder's ``error.txt``)."""
 
 
 def trial_status(epochs: int, max_epochs: int, diverged: bool, error: bool) -> str:
@@ -54,6 +62,11 @@ def rows_from_results(results: Iterable[Any], phase: str, searched_keys: Sequenc
                 best_val = float(values[position])
                 best_epoch = int(history[METRIC_EPOCH][position]) if METRIC_EPOCH in history else position + 1
         epochs = int(metrics.get(METRIC_EPOCH, 0) or 0)
+        if not epochs and history is not None and METRIC_EPOCH in history and history[METRIC_EPOCH].notna().any():
+            epochs = int(history[METRIC_EPOCH].max())  # the last report was an error's (no epoch)
+        error = ""
+        if result.error is not None:
+            error = str(metrics.get(ERROR_KEY) or "") or describe_error(result.error)
         rows.append(TrialRow(
             trial_id=str(metrics.get("trial_id") or getattr(result, "path", "?")).rsplit("/", 1)[-1],
             phase=phase, method=str(config.get("method.name", "?")),
@@ -63,8 +76,25 @@ def rows_from_results(results: Iterable[Any], phase: str, searched_keys: Sequenc
             status=trial_status(epochs, max_epochs, bool(metrics.get(METRIC_DIVERGED)), result.error is not None),
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" in k},
             config={k: v for k, v in config.items() if "." in k and not k.startswith("_")},
-            checkpoint=checkpoint_uri(result.checkpoint)))
+            checkpoint=checkpoint_uri(result.checkpoint), error=error,
+            error_file=_error_file(result) if error else ""))
     return rows
+
+
+def _error_file(result: Any) -> str:
+    """The URI of a ``Result``'s ``error.txt`` (a plain path on local storage)."""
+    path = f"{str(getattr(result, 'path', '') or '').rstrip('/')}/{ERROR_FILE}"
+    kind = getattr(getattr(result, "filesystem", None), "type_name", "local")
+    return path if kind == "local" else f"{kind}://{path}"
+
+
+def first_error_line(rows: Sequence[TrialRow]) -> str:
+    """``trial ID: Type: message (error file PATH)`` of the first errored row, or ``""``."""
+    errored = [r for r in rows if r.status == "error"]
+    if not errored:
+        return ""
+    row = errored[0]
+    return f"trial {row.trial_id}: {row.error or 'unknown error'} (error file {row.error_file or '-'})"
 
 
 def checkpoint_uri(checkpoint: Any) -> str:

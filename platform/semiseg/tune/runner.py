@@ -9,8 +9,19 @@ Phases of one invocation (one MLflow parent run):
    supervised model on the same labelled cases) re-run to the end with the same seeds,
    so methods are compared as mean (std) over seeds, not as one lucky trial.
 
-Input errors (a missing or malformed dataset, a bad config key) print one clear message
-and exit with status 2, without a traceback.
+Input errors (a missing or malformed dataset, a bad config key, a ``--storage-path`` or
+``--state-dir`` that is a file, resources that no node can ever provide: see
+:mod:`semiseg.tune.resources`) print one clear message and exit with status 2
+(:data:`EXIT_INPUT_ERROR`), without a traceback; on a local Ray they are found before Ray starts.
+
+Trials that fail: an error that recurs on every attempt (a configuration or code error,
+e.g. a model too deep for the images) ends its trial at once, a lost worker is retried
+(:mod:`semiseg.tune.failures`). A phase in which some trials errored goes on and reports
+them (one line each; ``status``, ``error`` and ``error_file`` in ``results.json``; MLflow runs
+FAILED with a ``semiseg.error`` tag). When every trial of a search, or of the final phase,
+errored, the study stops there: it writes ``results.json``, ends its MLflow run FAILED,
+prints ``error: <phase>: all N trial(s) errored; first: trial ID: Type: message (error file
+PATH)`` and exits with status 1 (:data:`EXIT_TRIALS_FAILED`).
 """
 
 from __future__ import annotations
@@ -24,17 +35,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from semiseg.config import ConfigError, ExperimentConfig
+from semiseg.data.cache import CachedDataset, absent_label_problem
 from semiseg.data.errors import DatasetError
 from semiseg.data.layout import validate_layout
 from semiseg.data.source import PHANTOM, prepare_cache, resolve_dataset
 from semiseg.data.splits import make_split
-from semiseg.tracking import (TAG_OPTUNA_STORAGE, TAG_STORAGE_PATH, Tracker, default_tracking_uri, metric_name,
-                              mlflow_ui_command, study_tags)
+from semiseg.tracking import (TAG_OPTUNA_STORAGE, TAG_STORAGE_PATH, Tracker, check_tracking_uri, default_tracking_uri,
+                              metric_name, mlflow_ui_command, redact_uri, study_tags)
+from semiseg.train.checks import check_config
 from semiseg.tune.local_ray import init_ray
 from semiseg.tune.model_registry import register_best_models
-from semiseg.tune.cli import StudyArgs, parse_args
-from semiseg.tune.results import (TrialRow, best_row, final_table, format_final_table, format_table,
-                                  rows_from_results)
+from semiseg.tune.cli import StudyArgs, check_paths, parse_args
+from semiseg.tune.failures import NoRetryOfDeterministicErrors
+from semiseg.tune.resources import ResourceError, TrialRequest, check_cluster_resources, check_local_resources
+from semiseg.tune.results import (TrialRow, best_row, final_table, first_error_line, format_final_table,
+                                  format_table, rows_from_results)
 from semiseg.tune.space import method_space
 from semiseg.tune.study import Study
 from semiseg.train.loop import VARIANT_KEY, expand_trial_config
@@ -45,6 +60,14 @@ STATE_FILE = "study_state.json"
 RESULTS_FILE = "results.json"
 CLUSTER_CONCURRENCY = 8
 EXIT_INPUT_ERROR = 2
+EXIT_TRIALS_FAILED = 1
+"""Exit status of a study whose searched or final trials all errored."""
+MAX_FAILURES = 2
+"""Retries of a trial that lost its worker (a deterministic error is not retried)."""
+
+
+class TrialsFailedError(Exception):
+    """Every trial of a phase errored; the message is the first error's one line."""
 
 
 @dataclass
@@ -52,7 +75,7 @@ class StudyOutcome:
     """What a finished study returns (and writes to ``results.json``)."""
 
     study: str
-    tracking_uri: str
+    tracking_uri: str  # redacted (secrets as ***): it is printed and written to results.json
     parent_run_id: str | None
     rows: list[TrialRow] = field(default_factory=list)
     best: TrialRow | None = None
@@ -72,19 +95,34 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
         The outcome (also written as JSON under the study's folder).
 
     Raises:
-        SystemExit: status 2 on input errors (dataset, configuration), after one message.
+        SystemExit: status 2 on input errors (dataset, configuration, impossible resources),
+            status 1 when every trial of a phase errored, after one message.
     """
+    import ray
+
     args = parse_args(f"{study.name}.py", study.description, argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _console_logging()
+    ray_was_connected = ray.is_initialized()
     try:
+        check_paths(args)
+        if not (ray_was_connected or args.address or os.environ.get("RAY_ADDRESS")):
+            check_local_resources(TrialRequest.from_args(args))
+        check_tracking_uri(args.tracking_uri)
         study = study.restricted_to(args.methods)
         base = resolve_base_config(study, args)
         check_searches(study, args)
+        check_trained_configs(study, args, base)
         layout_name = check_dataset(base, _baselines(study, args))
     except (DatasetError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT_ERROR) from None
-    return execute(study, args, base, layout_name)
+    try:
+        return execute(study, args, base, layout_name)
+    except (ResourceError, TrialsFailedError) as error:
+        if ray.is_initialized() and not ray_was_connected:
+            ray.shutdown()
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INPUT_ERROR if isinstance(error, ResourceError) else EXIT_TRIALS_FAILED) from None
 
 
 def resolve_base_config(study: Study, args: StudyArgs) -> dict[str, Any]:
@@ -107,6 +145,36 @@ def resolve_base_config(study: Study, args: StudyArgs) -> dict[str, Any]:
     return ExperimentConfig.from_flat(flat).to_flat()
 
 
+def _console_logging() -> None:
+    """Progress lines (INFO) to stdout, warnings and errors to stderr: stderr holds only what needs attention."""
+    progress = logging.StreamHandler(sys.stdout)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    attention = logging.StreamHandler(sys.stderr)
+    attention.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[progress, attention])
+
+
+def check_trained_configs(study: Study, args: StudyArgs, base: dict[str, Any]) -> None:
+    """Check every configuration the study will train before Ray starts: the base, each
+    searched method's and each baseline's (see :func:`semiseg.train.checks.check_config`).
+
+    Searched values come from declared choices and ranges, which are checked where they are
+    declared (:class:`semiseg.methods.base.HParam`) or replaced (:func:`semiseg.tune.space.with_range`).
+
+    Raises:
+        ConfigError: naming the key, the value and what is allowed.
+    """
+    methods = list(study.methods)
+    if getattr(study.search_space, "chooses_method", False):
+        methods += list(study.search_space.methods)
+    configs = [base] + [_config_for_method(base, method) for method in methods]
+    for baseline in _baselines(study, args):
+        method = str(baseline.get("method.name", base["method.name"]))
+        configs.append({**_public(_config_for_method(base, method)), **baseline})
+    for config in configs:
+        check_config(ExperimentConfig.from_flat(_public(config)))
+
+
 def _baselines(study: Study, args: StudyArgs) -> tuple[dict[str, Any], ...]:
     if args.smoke and study.smoke_baselines is not None:
         return tuple(dict(b) for b in study.smoke_baselines)
@@ -120,7 +188,8 @@ def check_dataset(base: dict[str, Any], baselines: Sequence[dict[str, Any]] = ()
         The dataset's name (for tags).
 
     Raises:
-        DatasetError: naming the file and the problem.
+        DatasetError: naming the file and the problem; also for labels declared in
+            ``dataset.json`` that no label file holds, unless ``data.allow_absent_labels``.
     """
     cfg = ExperimentConfig.from_flat(base)
     layout = resolve_dataset(cfg.data)
@@ -133,6 +202,12 @@ def check_dataset(base: dict[str, Any], baselines: Sequence[dict[str, Any]] = ()
                                                       if "data.num_labelled" in b}):
         make_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=budget,
                    num_validation=cfg.data.num_validation, num_test=cfg.data.num_test, seed=cfg.data.split_seed)
+    absent = absent_label_problem(CachedDataset(info.path).manifest) if cfg.data.dataset != PHANTOM else None
+    if absent is not None and not cfg.data.allow_absent_labels:
+        raise DatasetError([(absent[0], f"{absent[1]}; fix the label files or dataset.json, or train anyway "
+                                        "with --set data.allow_absent_labels=true")])
+    if absent is not None:
+        log.warning("warning: %s: %s (accepted: data.allow_absent_labels)", *absent)
     return layout.name
 
 
@@ -158,22 +233,25 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
         dashboard = init_ray(args.address)
         if dashboard:
             log.info("Ray dashboard: %s", dashboard)
+    check_cluster_resources(TrialRequest.from_args(args))
     tracker = Tracker(tracking_uri, artifact_root=runs_root / "mlartifacts")
     tracker.reachable()
     experiment_id = tracker.experiment_id(study.name)
     parent_run_id = state.get("parent_run_id")
     if parent_run_id is None and experiment_id is not None:
         tags = {**study_tags(study.name, _study_methods(study, base), dataset_name),
-                TAG_OPTUNA_STORAGE: f"sqlite:///{study_dir / 'optuna.db'}", TAG_STORAGE_PATH: args.storage_path}
+                TAG_OPTUNA_STORAGE: f"sqlite:///{study_dir / 'optuna.db'}",
+                TAG_STORAGE_PATH: redact_uri(args.storage_path)}
         parent_run_id = tracker.start_run(experiment_id, study.name, tags)
         if parent_run_id:
             tracker.log_params(parent_run_id, _public(base))
-    state.update({"parent_run_id": parent_run_id, "tracking_uri": tracking_uri})
+    # for people only (a resumed study takes the URI from its command line again): never the secrets
+    state.update({"parent_run_id": parent_run_id, "tracking_uri": redact_uri(tracking_uri)})
     _save_state(study_dir, state)
     searches = _searches(study, base, search_ranges(study, args))
     print(f"\n== study {study.name}: {study.description}\n   dataset {dataset_name}; "
           f"{len(searches)} search(es) of {num_samples} trials, {max_epochs} epochs each; "
-          f"final phase with {max(1, final_seeds)} seed(s); MLflow {tracking_uri}\n", flush=True)
+          f"final phase with {max(1, final_seeds)} seed(s); MLflow {redact_uri(tracking_uri)}\n", flush=True)
 
     context = _PhaseContext(study, args, base, tracker, experiment_id, parent_run_id, dataset_name,
                             max_epochs, runs_root, study_dir, ray_storage, joined_cluster=not started_ray
@@ -181,12 +259,14 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     rows: list[TrialRow] = []
     for phase, space, phase_base in searches:
         rows += _run_search(context, phase, space, phase_base, num_samples, state)
+        _check_phase(context, phase, rows)
     variants = _final_variants(study, base, rows, final_seeds, args)
     if variants:
         shown = sorted({k for _, space, _ in searches for k in getattr(space, "keys", [])} | set(study.group_by))
         rows += _run_fixed(context, "final", variants, shown + ["train.seed"])
+        _check_phase(context, "final", rows)
 
-    outcome = _summarise(study, tracking_uri, parent_run_id, rows)
+    outcome = _summarise(study, redact_uri(tracking_uri), parent_run_id, rows)
     outcome.registered_models = register_best_models(rows, tracker, experiment_id, study.name)
     _report(outcome, tracker, parent_run_id, study_dir)
     if parent_run_id:
@@ -196,6 +276,28 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     if started_ray:
         ray.shutdown()
     return outcome
+
+
+def _check_phase(context: "_PhaseContext", phase: str, rows: list[TrialRow]) -> None:
+    """Print a line per errored trial of ``phase``; stop the study if all of them errored.
+
+    Raises:
+        TrialsFailedError: after writing ``results.json`` and ending the MLflow run FAILED.
+    """
+    phase_rows = [r for r in rows if r.phase == phase]
+    errored = [r for r in phase_rows if r.status == "error"]
+    if not errored:
+        return
+    print(f"\n== {phase}: {len(errored)} of {len(phase_rows)} trial(s) errored", flush=True)
+    for row in errored:
+        print(f"   {first_error_line([row])}", flush=True)
+    if len(errored) < len(phase_rows):
+        return
+    outcome = _summarise(context.study, redact_uri(context.tracker.tracking_uri), context.parent_run_id, rows)
+    _report(outcome, context.tracker, context.parent_run_id, context.study_dir)
+    if context.parent_run_id:
+        context.tracker.end_run(context.parent_run_id, "FAILED")
+    raise TrialsFailedError(f"{phase}: all {len(phase_rows)} trial(s) errored; first: {first_error_line(errored)}")
 
 
 def _study_methods(study: Study, base: dict[str, Any]) -> list[str]:
@@ -342,14 +444,15 @@ class _PhaseContext:
         from ray import tune
 
         return tune.RunConfig(name=f"{self.study.name}-{phase}", storage_path=self.ray_storage,
-                              callbacks=[self.callback(phase)],
-                              failure_config=tune.FailureConfig(max_failures=2),
+                              callbacks=[self.callback(phase), NoRetryOfDeterministicErrors(MAX_FAILURES)],
+                              failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                               checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                               progress_reporter=_progress_reporter(self.study.metric, space),
                               verbose=1)
 
     def trainable(self):
-        return make_trainable(self.args.workers_per_trial, self.args.cpus_per_worker, self.args.gpus_per_worker)
+        return make_trainable(self.args.workers_per_trial, self.args.cpus_per_worker, self.args.gpus_per_worker,
+                              metric=self.study.metric)
 
     def experiment_path(self, phase: str) -> str:
         return f"{self.ray_storage}/{self.study.name}-{phase}"
@@ -389,7 +492,7 @@ def _run_search(context: _PhaseContext, phase: str, space: Any, phase_base: dict
     study, args = context.study, context.args
     path = context.experiment_path(phase)
     if args.resume and tune.Tuner.can_restore(path):
-        print(f"resuming {phase} from {path}", flush=True)
+        print(f"resuming {phase} from {redact_uri(path)}", flush=True)
         tuner = tune.Tuner.restore(path, context.trainable(), resume_errored=True, resume_unfinished=True)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{context.study_dir / 'optuna.db'}")
@@ -423,7 +526,7 @@ def _run_fixed(context: _PhaseContext, phase: str, variants: list[dict[str, Any]
 
     path = context.experiment_path(phase)
     if context.args.resume and tune.Tuner.can_restore(path):
-        print(f"resuming {phase} from {path}", flush=True)
+        print(f"resuming {phase} from {redact_uri(path)}", flush=True)
         tuner = tune.Tuner.restore(path, context.trainable(), resume_errored=True, resume_unfinished=True)
     else:
         param_space = {STORAGE_KEY: context.base[STORAGE_KEY], VARIANT_KEY: tune.grid_search(variants)}

@@ -15,6 +15,7 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from semiseg.tracking import METRIC_DIVERGED, METRIC_EPOCH
+from semiseg.tune.failures import ERROR_KEY
 
 
 class EpochAwareOptunaSearch(OptunaSearch):
@@ -32,7 +33,7 @@ class EpochAwareOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Report the metric to Optuna at step = epoch, once per epoch."""
-        if trial_id in self._completed_trials or self.metric not in result:
+        if trial_id in self._completed_trials or self.metric not in result or result.get(ERROR_KEY):
             return
         epoch = int(result.get(METRIC_EPOCH, 0))
         seen = self._reported_steps.setdefault(trial_id, set())

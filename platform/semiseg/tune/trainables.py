@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 from ray import tune
 
-from semiseg.train.loop import train_loop_per_worker, tune_trial
+from semiseg.train.loop import train_loop_per_worker, tune_trial as run_tune_trial
+from semiseg.tune.failures import deterministic_errors_end_the_trial
 
 STORAGE_KEY = "_storage_path"
 DDP_DRIVER_MEMORY = 256 * 1024 ** 2
@@ -15,7 +16,7 @@ so that N workers of one CPU each fit on N CPUs (Tune rejects an all-zero reques
 
 
 def make_trainable(workers_per_trial: int, cpus_per_worker: int, gpus_per_worker: float,
-                   max_failures: int = 2) -> Callable[[dict], None] | Any:
+                   metric: str = "val/dice") -> Callable[[dict], None] | Any:
     """The trainable of a study, with its resource request.
 
     One worker: :func:`semiseg.train.loop.tune_trial` runs inside the trial process
@@ -23,9 +24,19 @@ def make_trainable(workers_per_trial: int, cpus_per_worker: int, gpus_per_worker
     Several workers: a small driver builds a ``TorchTrainer`` (DDP; gloo on CPU, nccl on
     GPU) named after the trial, so a retried trial resumes from the Train run's latest
     checkpoint, and forwards rank 0's reports to Tune.
+
+    Retries are Tune's (the study's ``FailureConfig``): the Train run has ``max_failures=0``,
+    because Ray Train would restart the worker group for any error, a deterministic one too.
+    A deterministic error (see :mod:`semiseg.tune.failures`) is reported once as the trial's
+    last result, with ``metric`` as NaN, so that Tune does not retry it.
     """
     if workers_per_trial == 1:
         resources = {"cpu": cpus_per_worker, "gpu": gpus_per_worker}
+
+        def tune_trial(config: dict) -> None:
+            with deterministic_errors_end_the_trial(metric):
+                run_tune_trial(config)
+
         return tune.with_resources(tune_trial, resources)
 
     def ddp_trial(config: dict) -> None:
@@ -45,8 +56,9 @@ def make_trainable(workers_per_trial: int, cpus_per_worker: int, gpus_per_worker
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(name=f"ddp-{trial_id}", storage_path=config[STORAGE_KEY],
                                            callbacks=[TuneReportCallback()],
-                                           failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+                                           failure_config=ray.train.FailureConfig(max_failures=0)),
         )
-        trainer.fit()
+        with deterministic_errors_end_the_trial(metric):
+            trainer.fit()
 
     return tune.with_resources(ddp_trial, {"cpu": 0, "memory": DDP_DRIVER_MEMORY})
