@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RAY_STARTED_EXIT, run_study_without_ray
+from tests.study_runs import RAY_STARTED_EXIT, run_study_without_ray
 from semiseg.methods import method_names
 from semiseg.methods.registry import method_hparams
 from semiseg.tune import run_study

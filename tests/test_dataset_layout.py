@@ -338,7 +338,7 @@ def _multiclass_dataset(root: Path, ending: str = ".nii.gz") -> Path:
 @pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
 def test_header_declaring_too_many_voxels_is_refused_before_reading(tmp_path: Path, ending: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import write_oversized_nifti
+    from tests.study_runs import write_oversized_nifti
     from semiseg.data.layout import MAX_VOXELS
 
     root = _multiclass_dataset(tmp_path / "Dataset010_Huge", ending)

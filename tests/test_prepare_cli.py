@@ -144,7 +144,7 @@ def test_console_script_points_at_main() -> None:
 @pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
 def test_header_declaring_too_many_voxels(dataset: Path, tmp_path: Path, ending: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import write_oversized_nifti
+    from tests.study_runs import write_oversized_nifti
 
     if ending == ".nii":  # the same dataset, stored uncompressed
         meta = json.loads((dataset / "dataset.json").read_text())

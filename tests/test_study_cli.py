@@ -120,7 +120,7 @@ def _refused_before_ray(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("ending", [".nii", ".nii.gz"])
 def test_header_declaring_too_many_voxels_exits_2(tmp_path, ending):
-    from conftest import run_study_without_ray, write_oversized_nifti
+    from tests.study_runs import run_study_without_ray, write_oversized_nifti
 
     root = _dataset(tmp_path / "Dataset020_Huge", ending)
     huge = write_oversized_nifti(root / "imagesTr" / f"case_2_0000{ending}")
@@ -132,7 +132,7 @@ def test_header_declaring_too_many_voxels_exits_2(tmp_path, ending):
 
 
 def test_label_symlink_loop_exits_2(tmp_path):
-    from conftest import run_study_without_ray
+    from tests.study_runs import run_study_without_ray
 
     root = _dataset(tmp_path / "Dataset021_Loop")
     label = root / "labelsTr" / "case_1.nii.gz"
@@ -144,7 +144,7 @@ def test_label_symlink_loop_exits_2(tmp_path):
 
 
 def test_decathlon_entry_outside_the_dataset_exits_2(tmp_path):
-    from conftest import run_study_without_ray
+    from tests.study_runs import run_study_without_ray
 
     nnunet = _dataset(tmp_path / "Dataset022_Source")
     root = tmp_path / "Task22_Outside"
@@ -168,7 +168,7 @@ def test_decathlon_entry_outside_the_dataset_exits_2(tmp_path):
 
 
 def test_declared_label_in_no_label_file_exits_2_unless_allowed(tmp_path):
-    from conftest import RAY_STARTED_EXIT, run_study_without_ray
+    from tests.study_runs import RAY_STARTED_EXIT, run_study_without_ray
 
     root = _dataset(tmp_path / "Dataset023_Absent", labels={"background": 0, "edema": 1, "tumour": 2, "cyst": 3})
     problem = (f"{root / 'dataset.json'}: declared label(s) 'cyst' (3) occur in none of the 5 label files scanned "

@@ -104,7 +104,7 @@ def test_local_resources_refusals_name_the_flag_and_the_machine():
 
 def _refused_before_ray(result) -> str:
     """The one ``error:`` line of a study that exited 2 without starting Ray."""
-    from conftest import RAY_STARTED_EXIT
+    from tests.study_runs import RAY_STARTED_EXIT
 
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert result.returncode != RAY_STARTED_EXIT and "ray.init was called" not in result.stderr
@@ -122,7 +122,7 @@ def _refused_before_ray(result) -> str:
     (("--gpus-per-worker", "1"), "error: --gpus-per-worker 1: a trial needs 1 GPU(s); this machine has no GPU"),
 ])
 def test_impossible_resources_exit_2_before_ray_starts(tmp_path, flags, expected):
-    from conftest import run_study_without_ray
+    from tests.study_runs import run_study_without_ray
 
     if flags[0] == "--gpus-per-worker":
         import torch
@@ -135,7 +135,7 @@ def test_impossible_resources_exit_2_before_ray_starts(tmp_path, flags, expected
 
 @pytest.mark.parametrize("flag", ["--storage-path", "--state-dir"])
 def test_a_file_as_storage_or_state_folder_exits_2_before_ray_starts(tmp_path, flag):
-    from conftest import run_study_without_ray
+    from tests.study_runs import run_study_without_ray
 
     file = tmp_path / "a_file"
     file.write_text("not a folder")

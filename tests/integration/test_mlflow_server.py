@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,10 +59,9 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=STOP_TIMEOUT_S)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    """A real ``mlflow server`` on a SQLite store, listening on 127.0.0.1 only."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path) -> Iterator[str]:
+    """A real ``mlflow server`` on a SQLite store in ``folder``, on 127.0.0.1 only; yields its URL."""
     port = free_port()
     url = f"http://{HOST}:{port}"
     log = open(folder / "server.log", "w")  # noqa: SIM115 - closed in teardown
@@ -80,6 +80,13 @@ def server(tmp_path_factory) -> Iterator[str]:
     finally:
         stop(process)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    """A real ``mlflow server`` on a SQLite store, listening on 127.0.0.1 only."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
 
 
 def rest(url: str, endpoint: str, query: dict | None = None, body: dict | None = None) -> dict:

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Iterator
 import pytest
 
 from tests.integration.conftest import REPO
-from tests.integration.test_mlflow_server import HOST, free_port, healthy, rest, stop, tags_of
+from tests.integration.test_mlflow_server import HOST, rest, running_mlflow_server, tags_of
 
 pytestmark = pytest.mark.integration
 
@@ -103,29 +102,13 @@ def start_auth_proxy(upstream_port: int) -> tuple[http.server.ThreadingHTTPServe
 def guarded_server(tmp_path_factory) -> Iterator[tuple[str, int, Path, list]]:
     """(upstream URL, proxy port, server folder, Authorization headers the proxy saw)."""
     folder = tmp_path_factory.mktemp("mlflow-guarded")
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'm.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", HOST, "--port", str(port),
-         "--workers", "1"],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proxy = None
-    try:
-        while not healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n"
-                            + (folder / "server.log").read_text()[-3000:])
-            time.sleep(1)
-        proxy, seen = start_auth_proxy(port)
-        yield url, proxy.server_address[1], folder, seen
-    finally:
-        if proxy is not None:
+    with running_mlflow_server(folder) as url:
+        proxy, seen = start_auth_proxy(int(url.rsplit(":", 1)[1]))
+        try:
+            yield url, proxy.server_address[1], folder, seen
+        finally:
             proxy.shutdown()
             proxy.server_close()
-        stop(process)
-        log.close()
 
 
 def files_holding(folder: Path, secret: bytes) -> list[str]:
