@@ -226,7 +226,7 @@ def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None
 
 def trial_points(experiment_root: Path, prefix: str, keys: list[str]) -> dict[str, dict[str, float]]:
     """Trial folder name → its values of ``keys`` (grid trials keep them under the variant key)."""
-    from semiseg.train.loop import expand_trial_config
+    from semiseg.train.contract import expand_trial_config
 
     points = {}
     for path in sorted(experiment_root.glob(f"{prefix}-*/trial_*/params.json")):

@@ -28,17 +28,13 @@ from semiseg.data.prepared import PreparedData, prepare_split
 from semiseg.data.source import prepared_cache_root, preprocess_settings, resolve_dataset
 from semiseg.methods import BuildContext, Method, Progress, build_method
 from semiseg.schedules import lr_factor
+from semiseg.train.contract import CHECKPOINT_FILE, OVERLAY_FILE, config_from_trial
 from semiseg.train.evaluate import evaluate_cases, predict_case, summarise_cases
 from semiseg.train.overlay import overlay_png
 from semiseg.train.optimizers import build_optimizer
-from semiseg.tune.space import SEARCH_PREFIX
 from semiseg.train.session import LocalSession, Session, TrainSession, TuneSession, checkpoint_staging
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "state.pt"
-OVERLAY_FILE = "overlay.png"
-TUNE_KEYS_PREFIX = "_"
-VARIANT_KEY = "_variant"
 
 
 @dataclass
@@ -53,23 +49,6 @@ class LoopState:
     diverged: bool = False
     history: list[dict] = field(default_factory=list)
     best_overlay: bytes | None = None
-
-
-def expand_trial_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's flat dotted-key config: fixed variants (``_variant``) merged in.
-
-    Baseline phases grid over whole configurations stored under ``_variant``; searched
-    trials carry their keys at the top level.
-    """
-    flat = dict(config)
-    flat.update(flat.pop(VARIANT_KEY, None) or {})
-    return flat
-
-
-def config_from_trial(config: Mapping[str, Any]) -> ExperimentConfig:
-    """Build the typed config from a trial's dict, ignoring Tune/runner private keys."""
-    return ExperimentConfig.from_flat({k: v for k, v in expand_trial_config(config).items()
-                                       if not k.startswith(TUNE_KEYS_PREFIX) and k != SEARCH_PREFIX})
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from semiseg.train.loop import OVERLAY_FILE, expand_trial_config
+from semiseg.train.contract import OVERLAY_FILE, expand_trial_config
 from semiseg.tune.failures import ERROR_KEY, describe_error
 from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, STATUS_ORPHANED, TAG_PARENT, TAG_PHASE,
                               TAG_STATUS, TAG_TRIAL_ID,

@@ -15,7 +15,7 @@ import torch
 import semiseg
 from semiseg.models import build_model
 from semiseg.tracking import TAG_PHASE, TAG_TRIAL_ID, Tracker, quiet_run_links, scrub
-from semiseg.train.loop import CHECKPOINT_FILE
+from semiseg.train.contract import CHECKPOINT_FILE
 from semiseg.tune.results import TrialRow
 
 log = logging.getLogger(__name__)

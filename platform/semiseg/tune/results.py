@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from semiseg.train.loop import expand_trial_config
+from semiseg.train.contract import expand_trial_config
 from semiseg.tracking import METRIC_DIVERGED, METRIC_EPOCH, METRIC_TEST_DICE, METRIC_VAL_DICE
 from semiseg.tune.failures import ERROR_KEY, describe_error
 

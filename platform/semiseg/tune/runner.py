@@ -43,6 +43,7 @@ from semiseg.data.splits import make_split
 from semiseg.tracking import (TAG_OPTUNA_STORAGE, TAG_STORAGE_PATH, Tracker, check_tracking_uri, default_tracking_uri,
                               metric_name, mlflow_ui_command, redact_uri, study_tags)
 from semiseg.train.checks import check_config
+from semiseg.train.contract import STORAGE_KEY, VARIANT_KEY, expand_trial_config
 from semiseg.tune.local_ray import init_ray
 from semiseg.tune.model_registry import register_best_models
 from semiseg.tune.cli import StudyArgs, check_paths, parse_args
@@ -52,8 +53,7 @@ from semiseg.tune.results import (TrialRow, best_row, final_table, first_error_l
                                   format_table, rows_from_results)
 from semiseg.tune.space import method_space
 from semiseg.tune.study import Study
-from semiseg.train.loop import VARIANT_KEY, expand_trial_config
-from semiseg.tune.trainables import STORAGE_KEY, make_trainable
+from semiseg.tune.trainables import make_trainable
 
 log = logging.getLogger("semiseg.study")
 STATE_FILE = "study_state.json"

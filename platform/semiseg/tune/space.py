@@ -13,10 +13,10 @@ from dataclasses import replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from semiseg.config import SETTING_BOUNDS, ConfigError, check_value
+from semiseg.train.contract import SEARCH_PREFIX
 from semiseg.methods.base import HParam
 from semiseg.methods.registry import method_hparams
 
-SEARCH_PREFIX = "search"
 CONFIG_RANGES: dict[str, HParam] = {
     "optim.lr": HParam(2e-3, low=1e-4, high=1e-2, log=True, bounds=SETTING_BOUNDS["optim.lr"],
                        help="learning rate (Perone: 6e-4)"),

@@ -6,10 +6,10 @@ from typing import Any, Callable
 
 from ray import tune
 
+from semiseg.train.contract import STORAGE_KEY
 from semiseg.train.loop import train_loop_per_worker, tune_trial as run_tune_trial
 from semiseg.tune.failures import deterministic_errors_end_the_trial
 
-STORAGE_KEY = "_storage_path"
 DDP_DRIVER_MEMORY = 256 * 1024 ** 2
 """The DDP trial's driver only waits on its worker group: it reserves memory, not a CPU,
 so that N workers of one CPU each fit on N CPUs (Tune rejects an all-zero request)."""
