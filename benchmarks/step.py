@@ -164,7 +164,7 @@ def _help(name: str) -> str:
         return "no-grad eval-mode forward of the same network (a teacher pass)"
     if name.endswith("+augment"):
         return "platform step with the default augmentation ranges"
-    return "platform step (_train_epoch: training_step, _backward_and_step, after_step), identity augmentation"
+    return "platform step (train_epoch: training_step, backward_and_step, after_step), identity augmentation"
 
 
 def _ratios(section: Section, platform: list[str]) -> None:

@@ -213,7 +213,8 @@ def timed_study(study: Any, argv: list[str], log: Path) -> tuple[float, float]:
     """
     from semiseg.tune import run_study
     from semiseg.tune.cli import parse_args
-    from semiseg.tune.runner import check_dataset, resolve_base_config
+    from semiseg.tune.checks import check_dataset
+    from semiseg.tune.configs import resolve_base_config
 
     check_dataset(resolve_base_config(study, parse_args(study.name, "", argv)))
     with log.open("a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), \

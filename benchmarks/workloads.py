@@ -1,8 +1,8 @@
 """The workloads the sections time: phantom data, the platform's training step, a bare loop.
 
-The platform's step is the training loop's own code: :func:`semiseg.train.loop._train_epoch`
+The platform's step is the training loop's own code: :func:`semiseg.train.loop.train_epoch`
 (learning-rate schedule, ``method.training_step``, the finite-loss check, the loop's
-``_backward_and_step`` with gradient clipping, ``method.after_step`` and the log
+``backward_and_step`` with gradient clipping, ``method.after_step`` and the log
 accumulation), fed pre-drawn batches so that data loading is not part of the step. The
 bare loop is what a hand-written PyTorch script would do with the same network, batches
 and threads: forward, Dice + cross-entropy, backward, AdamW step.
@@ -22,8 +22,12 @@ from semiseg.data.batches import MixedBatchSampler
 from semiseg.data.phantom import generate_phantom
 from semiseg.data.prepared import PreparedData, prepare_split
 from semiseg.methods import Method, build_method
-from semiseg.train.loop import (LoopState, _build_context, _build_optimizers, _GradientSync, _memory_format,
-                                _train_epoch, apply_memory_format, images_in_layout)
+from semiseg.methods.registry import experiment_config as registered_experiment_config
+from semiseg.train.build import apply_memory_format, build_context, images_in_layout, memory_format
+from semiseg.train.checkpoint import LoopState
+from semiseg.train.distributed import GradientSync
+from semiseg.train.loop import train_epoch
+from semiseg.train.optimizers import build_optimizers
 
 ZERO_AUGMENT = {"train.augment_rotation_deg": 0.0, "train.augment_scale": 0.0, "train.augment_shift": 0.0,
                 "train.augment_noise_std": 0.0, "train.augment_intensity": 0.0}
@@ -122,30 +126,30 @@ def experiment_config(shape: StepShape, method: str, steps: int, augment: bool,
     if not augment:
         flat.update(ZERO_AUGMENT)
     flat.update(overrides or {})
-    return ExperimentConfig.from_flat(flat)
+    return registered_experiment_config(flat)
 
 
 class PlatformStep:
-    """``steps`` optimiser steps of a method through the training loop's ``_train_epoch``.
+    """``steps`` optimiser steps of a method through the training loop's ``train_epoch``.
 
     The networks take the layout ``train.channels_last`` asks for, as in ``run_training``;
-    ``_train_epoch`` converts the batches' images to it.
+    ``train_epoch`` converts the batches' images to it.
     """
 
     def __init__(self, cfg: ExperimentConfig, data: PreparedData, batches: list[dict[str, torch.Tensor]]) -> None:
         self.cfg = cfg
-        self.method: Method = build_method(cfg.method["name"], _build_context(cfg, data, device()), cfg.method)
+        self.method: Method = build_method(cfg.method["name"], build_context(cfg, data, device()), cfg.method)
         apply_memory_format(self.method, cfg)
-        self.optimizers = _build_optimizers(self.method, cfg)
+        self.optimizers = build_optimizers(self.method, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.batches = FixedBatches(batches)
         self.state = LoopState()
-        self.sync = _GradientSync([], 1)
+        self.sync = GradientSync([], 1)
 
     def __call__(self) -> None:
         """Run one 'epoch' of ``train.steps_per_epoch`` steps."""
-        _train_epoch(self.cfg, self.method, self.optimizers, self.scaler, self.batches, self.state, device(),
-                     self.sync)
+        train_epoch(self.cfg, self.method, self.optimizers, self.scaler, self.batches, self.state, device(),
+                    self.sync)
         synchronize()
 
 
@@ -217,9 +221,9 @@ def bare_step(cfg: ExperimentConfig, data: PreparedData, batches: list[dict[str,
               steps: int) -> BareStep:
     """A bare loop on the network the platform's step would build for ``cfg``: same init, optimiser
     settings and memory layout (network and images channels-last when ``train.channels_last``)."""
-    network = _build_context(cfg, data, device()).build_network()
-    memory_format = _memory_format(cfg)
-    if memory_format is not None:
-        network = network.to(memory_format=memory_format)
-        batches = [images_in_layout(batch, memory_format) for batch in batches]
+    network = build_context(cfg, data, device()).build_network()
+    layout = memory_format(cfg)
+    if layout is not None:
+        network = network.to(memory_format=layout)
+        batches = [images_in_layout(batch, layout) for batch in batches]
     return BareStep(network, batches, steps, cfg.optim.lr, cfg.optim.weight_decay)

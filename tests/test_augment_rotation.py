@@ -164,9 +164,9 @@ def test_training_spacing_is_the_median_of_the_labelled_cases(anisotropic_datase
                                                                tiny_config):
     import numpy as np
 
-    from semiseg.config import ExperimentConfig
     from semiseg.data.prepared import prepare_split
-    from semiseg.train.loop import _build_context
+    from semiseg.methods.registry import experiment_config
+    from semiseg.train.build import build_context
 
     data = prepare_split(anisotropic_dataset, num_labelled=3, num_validation=1, num_test=1, split_seed=0, dims=2,
                          cache_root=tmp_path / "cache" if cached else None, loader=loader)
@@ -174,7 +174,7 @@ def test_training_spacing_is_the_median_of_the_labelled_cases(anisotropic_datase
     expected = np.median([SPACINGS[case_id] for case_id in data.split.labelled], axis=0)
     assert data.training_spacing == pytest.approx(tuple(expected))
     assert data.training_spacing != pytest.approx((1.0, 1.0, 1.0))
-    context = _build_context(ExperimentConfig.from_flat(tiny_config), data, torch.device("cpu"))
+    context = build_context(experiment_config(tiny_config), data, torch.device("cpu"))
     assert context.augment.spacing == data.training_spacing
 
 

@@ -339,7 +339,7 @@ def _multiclass_dataset(root: Path, ending: str = ".nii.gz") -> Path:
 def test_header_declaring_too_many_voxels_is_refused_before_reading(tmp_path: Path, ending: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.study_runs import write_oversized_nifti
-    from semiseg.data.layout import MAX_VOXELS
+    from semiseg.data.nifti import MAX_VOXELS
 
     root = _multiclass_dataset(tmp_path / "Dataset010_Huge", ending)
     huge = write_oversized_nifti(root / "imagesTr" / f"case_001_0001{ending}")
@@ -387,7 +387,7 @@ def test_unreadable_label_files_are_errors_with_their_reason(tmp_path: Path) -> 
 
 
 def test_label_file_without_read_permission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from semiseg.data import layout as layout_module
+    from semiseg.data import nifti as nifti_module
 
     root = _multiclass_dataset(tmp_path / "Dataset012_Perm")
     locked = root / "labelsTr" / "case_002.nii.gz"
@@ -399,7 +399,7 @@ def test_label_file_without_read_permission(tmp_path: Path, monkeypatch: pytest.
                 raise PermissionError(errno.EACCES, "Permission denied", str(path))
             return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(layout_module, "open", refusing_open, raising=False)
+        monkeypatch.setattr(nifti_module, "open", refusing_open, raising=False)
     else:
         locked.chmod(0)
     with pytest.raises(DatasetError) as err:

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from semiseg.config import ExperimentConfig
 from semiseg.data.prepared import prepare_split
 from semiseg.data.source import prepared_cache_root, resolve_dataset
 from semiseg.methods import build_method, method_names
-from semiseg.train.loop import _build_context, apply_memory_format, run_training
+from semiseg.methods.registry import experiment_config
+from semiseg.train.build import apply_memory_format, build_context
+from semiseg.train.loop import run_training
 from semiseg.train.session import LocalSession
 
 
@@ -135,7 +136,7 @@ def test_every_methods_checkpoint_loads_with_weights_only(tiny_config, tmp_path,
 def test_numpy_metrics_are_saved_as_plain_numbers():
     import numpy as np
 
-    from semiseg.train.loop import _plain
+    from semiseg.train.checkpoint import plain as _plain
 
     saved = _plain({"history": [{"val/hd95": np.float64(2.5), "epoch": np.int64(1)}], "shape": (np.int32(4), 2)})
     assert saved == {"history": [{"val/hd95": 2.5, "epoch": 1}], "shape": (4, 2)} and _plain_types(saved)
@@ -146,13 +147,13 @@ def test_numpy_metrics_are_saved_as_plain_numbers():
     ({"method.name": "supervised", "data.phantom_shape": "32x32x16", "data.dims": 3, "data.patch_size": "16x16x8"},
      torch.channels_last_3d)])
 def test_channels_last_is_the_default_and_trains_the_same_model(tiny_config, overrides, layout):
-    config = ExperimentConfig.from_flat({**tiny_config, **overrides})
+    config = experiment_config({**tiny_config, **overrides})
     assert config.train.channels_last, "channels-last is the default layout"
     data = prepare_split(resolve_dataset(config.data), num_labelled=config.data.num_labelled,
                          num_validation=config.data.num_validation, num_test=config.data.num_test,
                          split_seed=config.data.split_seed, dims=config.data.dims,
                          cache_root=prepared_cache_root(config.data))
-    method = build_method(config.method["name"], _build_context(config, data, torch.device("cpu")), config.method)
+    method = build_method(config.method["name"], build_context(config, data, torch.device("cpu")), config.method)
     apply_memory_format(method, config)
     weights = [p for module in [*method.trained.values(), *method.frozen.values()] for p in module.parameters()
                if p.ndim == config.data.dims + 2]

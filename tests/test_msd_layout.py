@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from semiseg.data import DatasetError, load_case, read_layout, validate_layout, write_case, write_dataset_json
-from semiseg.data.layout import read_dataset
+from semiseg.data.formats import read_dataset
 from semiseg.data.msd import is_msd_json, read_msd
 from semiseg.data.prepared import prepare_split
 

@@ -10,7 +10,7 @@ import pytest
 from semiseg.config import ConfigError
 from semiseg.tune import Study
 from semiseg.tune.cli import parse_args, parse_range
-from semiseg.tune.runner import check_searches, search_ranges
+from semiseg.tune.checks import check_searches, search_ranges
 from semiseg.tune.space import complement_name, method_space, resolve
 
 REPO = Path(__file__).resolve().parents[1]

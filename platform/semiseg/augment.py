@@ -10,7 +10,7 @@ aligned, and what transformation consistency needs to compare T(f(x)) with f(T(x
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -168,3 +168,61 @@ def perturb_intensity(x: torch.Tensor, settings: AugmentSettings,
     brightness = (torch.rand(shape, generator=generator) * 2 - 1) * settings.intensity
     noise = torch.randn(x.shape, generator=generator) * settings.noise_std
     return x * contrast.to(x.device) + brightness.to(x.device) + noise.to(x.device)
+
+
+@dataclass(frozen=True)
+class AugmentedBatch:
+    """A training batch after the augmentation its images share.
+
+    Attributes:
+        original: the images before augmentation, labelled first (``[N_l + N_u, C, *spatial]``).
+        images: ``original`` warped by ``theta``, then with random intensity (what a student sees).
+        labels: the labelled part's labels warped by ``theta[:n_l]`` (nearest neighbour).
+        theta: the affine matrices, one per image (also for warping a teacher's output).
+        n_l: how many of the images are labelled.
+    """
+
+    original: torch.Tensor
+    images: torch.Tensor
+    labels: torch.Tensor
+    theta: torch.Tensor
+    n_l: int
+
+
+def augment_images(images: torch.Tensor, dims: int, settings: AugmentSettings,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random affine + intensity view of ``images`` and its affine matrices.
+
+    Draws from ``generator`` in this order: :func:`sample_affine`, then
+    :func:`perturb_intensity`.
+
+    Returns:
+        ``(augmented, theta)``.
+    """
+    theta = sample_affine(images.shape[0], dims, settings, generator, images.device, shape=images.shape[2:])
+    return perturb_intensity(warp(images, theta), settings, generator), theta
+
+
+def mixed_images(batch: Mapping[str, torch.Tensor], unlabelled: bool = True) -> torch.Tensor:
+    """``image_l`` followed by ``image_u`` (when the batch has it and ``unlabelled``)."""
+    if unlabelled and "image_u" in batch:
+        return torch.cat([batch["image_l"], batch["image_u"]])
+    return batch["image_l"]
+
+
+def augment_batch(batch: Mapping[str, torch.Tensor], dims: int, settings: AugmentSettings,
+                  generator: torch.Generator | None, *, unlabelled: bool = True) -> AugmentedBatch:
+    """The shared augmentation of a mixed batch: one affine and intensity draw per image.
+
+    Args:
+        batch: ``image_l``, ``label_l`` and optionally ``image_u``.
+        dims: 2 or 3.
+        settings: the augmentation ranges.
+        generator: the method's generator (draws as :func:`augment_images`).
+        unlabelled: include ``image_u``; ``False`` augments the labelled images only.
+    """
+    original = mixed_images(batch, unlabelled)
+    images, theta = augment_images(original, dims, settings, generator)
+    n_l = batch["image_l"].shape[0]
+    return AugmentedBatch(original=original, images=images, labels=warp_labels(batch["label_l"], theta[:n_l]),
+                          theta=theta, n_l=n_l)

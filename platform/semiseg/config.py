@@ -6,8 +6,11 @@ Optuna parameter names, MLflow params and CLI overrides (``--set optim.lr=3e-4``
 Precedence is: dataclass defaults < method defaults < study overrides < CLI.
 
 The ``method`` section is open: its keys are the hyperparameters that the chosen
-method declares (see :mod:`semiseg.methods.base`); unknown keys are rejected with the
-list of keys the method accepts.
+method declares; unknown keys are rejected with the list of keys the method accepts.
+This module imports nothing of semiseg: what it knows of the methods, it is handed as a
+:class:`MethodCatalogue` (the registered methods are
+:data:`semiseg.methods.registry.REGISTERED_METHODS`, and
+:func:`semiseg.methods.registry.experiment_config` builds a configuration with them).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import difflib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 SECTIONS = ("data", "model", "optim", "schedule", "train", "method")
 
@@ -239,6 +242,32 @@ SETTING_CHOICES: dict[str, tuple[Any, ...]] = {
 """Settings with a fixed set of values that no registry owns."""
 
 
+class DeclaredHParam(Protocol):
+    """What the configuration reads of a method's hyperparameter declaration."""
+
+    @property
+    def default(self) -> Any:
+        """The value a configuration starts from."""
+
+    @property
+    def bounds(self) -> Bounds | None:
+        """The values a numeric hyperparameter may take (None: any finite number)."""
+
+    @property
+    def choices(self) -> Sequence[Any] | None:
+        """The values a categorical hyperparameter may take (None: not categorical)."""
+
+
+class MethodCatalogue(Protocol):
+    """The methods a configuration may name, and the hyperparameters each declares."""
+
+    def names(self) -> list[str]:
+        """The method names, sorted."""
+
+    def hparams(self, name: str) -> Mapping[str, DeclaredHParam]:
+        """Hyperparameter name → declaration of method ``name`` (one of :meth:`names`)."""
+
+
 @dataclass
 class ExperimentConfig:
     """A whole trial configuration: typed sections plus the open ``method`` section."""
@@ -271,12 +300,13 @@ class ExperimentConfig:
         return json.dumps(nested, indent=2, sort_keys=True)
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> "ExperimentConfig":
+    def from_flat(cls, flat: Mapping[str, Any], methods: MethodCatalogue) -> "ExperimentConfig":
         """Build a configuration from dotted keys, filling method defaults.
 
         Args:
             flat: dotted keys; keys without a known section are rejected. Keys that do not
                 start with a section name (e.g. Tune's own entries) must be removed first.
+            methods: the methods ``method.name`` may name, with their declared hyperparameters.
 
         Returns:
             The configuration, with the chosen method's declared defaults filled in.
@@ -286,14 +316,14 @@ class ExperimentConfig:
                 cannot be converted to the field's type.
         """
         config = cls()
-        config.apply(flat)
+        config.apply(flat, methods)
         return config
 
-    def apply(self, flat: Mapping[str, Any]) -> "ExperimentConfig":
+    def apply(self, flat: Mapping[str, Any], methods: MethodCatalogue) -> "ExperimentConfig":
         """Apply dotted-key overrides in place and return ``self``.
 
         ``method.name`` is applied first so that the method's defaults are filled before
-        its hyperparameters are overridden.
+        its hyperparameters are overridden. ``methods``: see :meth:`from_flat`.
 
         Raises:
             ConfigError: see :meth:`from_flat`.
@@ -301,16 +331,16 @@ class ExperimentConfig:
         items = dict(flat)
         if "method.name" in items:
             name = str(items.pop("method.name"))
-            self.method = {"name": name, **_method_hparams(name)[1]}
+            self.method = {"name": name, **_method_hparams(methods, name)[1]}
         elif len(self.method) == 1:
-            self.method = {"name": self.method["name"], **_method_hparams(self.method["name"])[1]}
+            self.method = {"name": self.method["name"], **_method_hparams(methods, self.method["name"])[1]}
         for key, value in items.items():
             section, _, name = key.partition(".")
             if section not in SECTIONS or not name:
                 raise ConfigError(f"unknown configuration key {key!r}{did_you_mean(key, self._known_keys())}: "
                                   f"keys are <section>.<name> with section one of {', '.join(SECTIONS)}")
             if section == "method":
-                self._set_method_param(name, value)
+                self._set_method_param(methods, name, value)
             else:
                 self._set_field(section, name, value)
         return self
@@ -331,31 +361,29 @@ class ExperimentConfig:
         check_value(key, converted, SETTING_BOUNDS.get(key), SETTING_CHOICES.get(key))
         setattr(target, name, converted)
 
-    def _set_method_param(self, name: str, value: Any) -> None:
+    def _set_method_param(self, methods: MethodCatalogue, name: str, value: Any) -> None:
         defaults = {k: v for k, v in self.method.items() if k != "name"}
         if name not in defaults:
             raise ConfigError(f"unknown key 'method.{name}'{did_you_mean(f'method.{name}', self._known_keys())} for method "
                               f"'{self.method['name']}'; it has: {', '.join(sorted(defaults)) or '(no hyperparameters)'}")
         key = f"method.{name}"
-        declared = _method_hparams(self.method["name"])[0][name]
+        declared = _method_hparams(methods, self.method["name"])[0][name]
         converted = coerce(value, type(defaults[name]), key)
         check_value(key, converted, declared.bounds, declared.choices)
         self.method[name] = converted
 
 
-def _method_hparams(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _method_hparams(methods: MethodCatalogue, name: str) -> tuple[Mapping[str, DeclaredHParam], dict[str, Any]]:
     """(declarations, defaults) of method ``name``'s hyperparameters.
 
     Raises:
-        ConfigError: no method is registered under ``name``.
+        ConfigError: ``methods`` has no method ``name``.
     """
-    from semiseg.methods.registry import method_hparams, method_names
-
-    names = method_names()
+    names = methods.names()
     if name not in names:
         raise ConfigError(f"method.name = {name!r} is not allowed: choose one of {', '.join(names)}"
                           f"{did_you_mean(name, names)}")
-    declared = method_hparams(name)
+    declared = methods.hparams(name)
     return declared, {key: hparam.default for key, hparam in declared.items()}
 
 

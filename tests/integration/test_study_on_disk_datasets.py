@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from semiseg.data.layout import load_case
+from semiseg.data.validation import load_case
 from semiseg.data.phantom import generate_phantom
 from semiseg.tune import run_study
 from tests.integration.conftest import load_study, study_runs

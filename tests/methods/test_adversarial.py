@@ -10,18 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg.augment import AugmentSettings
 from semiseg.components.discriminator import Discriminator, discriminator_loss, fooling_loss
-from semiseg.methods import BuildContext, Progress, build_method
+from semiseg.methods import Progress, build_method
 
 SPATIAL = {2: (16, 16), 3: (8, 16, 16)}
 PARAMS = {"disc_width": 4, "disc_depth": 2}
-
-
-def _context(dims: int, seed: int = 0) -> BuildContext:
-    return BuildContext(dims=dims, in_channels=1, num_classes=2,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=AugmentSettings(), rampup_epochs=0.0, rampup_shape="none", seed=seed)
 
 
 def _batch(dims: int, n_labelled: int = 2, n_unlabelled: int = 2) -> dict[str, torch.Tensor]:
@@ -75,8 +68,8 @@ def test_discriminator_gives_one_logit_per_sample(dims, spatial):
     assert torch.isfinite(logits).all()
 
 
-def test_method_losses_use_the_targets_of_the_paper():
-    method = build_method("adversarial", _context(2), {**PARAMS, "adversarial_weight": 0.5})
+def test_method_losses_use_the_targets_of_the_paper(tiny_context):
+    method = build_method("adversarial", tiny_context(2), {**PARAMS, "adversarial_weight": 0.5})
     method.trained["discriminator"] = _FixedScores()
     output = method.training_step(_batch(2, n_labelled=2, n_unlabelled=3), _progress())
     assert float(output.logs["loss_cons"]) == pytest.approx(_bce(-0.5, 1))
@@ -85,8 +78,8 @@ def test_method_losses_use_the_targets_of_the_paper():
     assert output.objectives["main"].item() == pytest.approx(expected_main, rel=1e-5)
 
 
-def test_optimizer_groups_partition_the_trained_parameters():
-    method = build_method("adversarial", _context(2), PARAMS)
+def test_optimizer_groups_partition_the_trained_parameters(tiny_context):
+    method = build_method("adversarial", tiny_context(2), PARAMS)
     groups = method.optimizer_groups()
     assert set(groups) == {"main", "discriminator"}
     main, disc = {id(p) for p in groups["main"]}, {id(p) for p in groups["discriminator"]}
@@ -97,8 +90,8 @@ def test_optimizer_groups_partition_the_trained_parameters():
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_training_step_routes_each_objective_to_its_own_network(dims):
-    method = build_method("adversarial", _context(dims), PARAMS)
+def test_training_step_routes_each_objective_to_its_own_network(dims, tiny_context):
+    method = build_method("adversarial", tiny_context(dims), PARAMS)
     method.train()
     output = method.training_step(_batch(dims), _progress())
     main, disc = output.objectives["main"], output.objectives["discriminator"]
@@ -123,8 +116,8 @@ def _main_objective(method, batch: dict, weight: float) -> torch.Tensor:
     return method.training_step(batch, _progress()).objectives["main"]
 
 
-def test_adversarial_term_reaches_the_segmenter_through_the_discriminator():
-    method = build_method("adversarial", _context(2), PARAMS)
+def test_adversarial_term_reaches_the_segmenter_through_the_discriminator(tiny_context):
+    method = build_method("adversarial", tiny_context(2), PARAMS)
     method.train()
     batch = _batch(2)
     term = _main_objective(method, batch, 1.0) - _main_objective(method, batch, 0.0)
@@ -137,8 +130,8 @@ def test_adversarial_term_reaches_the_segmenter_through_the_discriminator():
     assert all(g is not None for g in grads[len(segmenter):])
 
 
-def test_without_unlabelled_images_only_the_segmenter_is_trained():
-    method = build_method("adversarial", _context(2), PARAMS)
+def test_without_unlabelled_images_only_the_segmenter_is_trained(tiny_context):
+    method = build_method("adversarial", tiny_context(2), PARAMS)
     batch = _batch(2)
     del batch["image_u"]
     output = method.training_step(batch, _progress())
@@ -146,9 +139,9 @@ def test_without_unlabelled_images_only_the_segmenter_is_trained():
     assert torch.isfinite(output.objectives["main"])
 
 
-def test_eval_model_is_the_segmenter_and_state_round_trips():
-    source = build_method("adversarial", _context(2, seed=0), PARAMS)
-    target = build_method("adversarial", _context(2, seed=1), PARAMS)
+def test_eval_model_is_the_segmenter_and_state_round_trips(tiny_context):
+    source = build_method("adversarial", tiny_context(2, seed=0), PARAMS)
+    target = build_method("adversarial", tiny_context(2, seed=1), PARAMS)
     assert source.eval_model() is source.trained["student"]
     target.load_state_dict(source.state_dict())
     for key in ("student", "discriminator"):

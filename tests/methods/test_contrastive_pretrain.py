@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 
-from semiseg.augment import AugmentSettings
 from semiseg.components.contrastive import nt_xent_loss, unet_bottleneck
-from semiseg.methods import BuildContext, Progress, build_method
+from semiseg.methods import Progress, build_method
 
 SPATIAL = {2: (16, 16), 3: (8, 16, 16)}
-
-
-def _context(dims: int, seed: int = 0) -> BuildContext:
-    return BuildContext(dims=dims, in_channels=1, num_classes=2,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=AugmentSettings(), rampup_epochs=0.0, rampup_shape="none", seed=seed)
 
 
 def _batch(dims: int) -> dict[str, torch.Tensor]:
@@ -71,8 +64,8 @@ def test_nt_xent_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_bottleneck_helper_matches_the_forward_pass(dims):
-    network = _context(dims).build_network().eval()
+def test_bottleneck_helper_matches_the_forward_pass(dims, tiny_context):
+    network = tiny_context(dims).build_network().eval()
     captured = {}
     network.encoders[-1].register_forward_hook(lambda module, inputs, output: captured.update(out=output))
     x = torch.randn(2, 1, *SPATIAL[dims])
@@ -84,8 +77,8 @@ def test_bottleneck_helper_matches_the_forward_pass(dims):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_pretrain_step_trains_the_encoder_and_head_but_not_the_decoder(dims):
-    method = build_method("contrastive_pretrain", _context(dims), {"pretrain_epochs": 1})
+def test_pretrain_step_trains_the_encoder_and_head_but_not_the_decoder(dims, tiny_context):
+    method = build_method("contrastive_pretrain", tiny_context(dims), {"pretrain_epochs": 1})
     method.train()
     output = method.pretrain_step(_batch(dims), _progress("pretrain"))
     loss = output.objectives["main"]
@@ -101,8 +94,8 @@ def test_pretrain_step_trains_the_encoder_and_head_but_not_the_decoder(dims):
     assert all(p.grad is None for p in untouched)
 
 
-def test_the_two_views_are_independent_augmentations_of_every_image():
-    method = build_method("contrastive_pretrain", _context(2), {"pretrain_epochs": 1})
+def test_the_two_views_are_independent_augmentations_of_every_image(tiny_context):
+    method = build_method("contrastive_pretrain", tiny_context(2), {"pretrain_epochs": 1})
     method.train()
     seen = []
     method.trained["student"].encoders[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
@@ -118,8 +111,8 @@ def test_the_two_views_are_independent_augmentations_of_every_image():
     assert all(float(c) > 0.8 for c in correlation)
 
 
-def test_fine_tuning_step_trains_the_whole_network_without_the_head():
-    method = build_method("contrastive_pretrain", _context(2), {"pretrain_epochs": 1})
+def test_fine_tuning_step_trains_the_whole_network_without_the_head(tiny_context):
+    method = build_method("contrastive_pretrain", tiny_context(2), {"pretrain_epochs": 1})
     method.train()
     output = method.training_step(_batch(2), _progress("semi"))
     assert torch.isfinite(output.objectives["main"])
@@ -130,14 +123,14 @@ def test_fine_tuning_step_trains_the_whole_network_without_the_head():
     assert all(p.grad is None for p in method.trained["projection"].parameters())
 
 
-def test_projection_dim_sets_the_head_output():
-    method = build_method("contrastive_pretrain", _context(2), {"projection_dim": 7})
+def test_projection_dim_sets_the_head_output(tiny_context):
+    method = build_method("contrastive_pretrain", tiny_context(2), {"projection_dim": 7})
     assert method.trained["projection"](torch.randn(3, 16, 4, 4)).shape == (3, 7)
 
 
-def test_state_dict_round_trip():
-    source = build_method("contrastive_pretrain", _context(2, seed=0), {})
-    target = build_method("contrastive_pretrain", _context(2, seed=1), {})
+def test_state_dict_round_trip(tiny_context):
+    source = build_method("contrastive_pretrain", tiny_context(2, seed=0), {})
+    target = build_method("contrastive_pretrain", tiny_context(2, seed=1), {})
     target.load_state_dict(source.state_dict())
     for key in ("student", "projection"):
         for a, b in zip(source.trained[key].state_dict().values(), target.trained[key].state_dict().values()):

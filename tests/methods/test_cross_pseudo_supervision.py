@@ -12,16 +12,10 @@ from semiseg.augment import AugmentSettings
 from semiseg.components.lovasz import lovasz_softmax
 from semiseg.components.pseudo_labels import cross_pseudo_supervision_loss, hard_pseudo_labels, pseudo_label_loss
 from semiseg.losses import soft_dice_loss
-from semiseg.methods import BuildContext, Progress, build_method
+from semiseg.methods import Progress, build_method
 
 STEP = Progress(step=0, epoch=0.0, max_epochs=1)
 NO_AUGMENT = AugmentSettings(rotation_deg=0.0, scale=0.0, shift=0.0, noise_std=0.0, intensity=0.0)
-
-
-def _context(dims: int = 2, augment: AugmentSettings | None = None) -> BuildContext:
-    return BuildContext(dims=dims, in_channels=1, num_classes=2,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=augment or AugmentSettings(), rampup_epochs=0.0, rampup_shape="none", seed=0)
 
 
 def _batch(dims: int, unlabelled: int = 2) -> dict[str, torch.Tensor]:
@@ -65,8 +59,8 @@ def test_lovasz_pseudo_loss_adds_the_lovasz_softmax_to_the_cross_entropy():
 
 
 @pytest.mark.parametrize("cps_on,expected_start", [("unlabelled", 2), ("all", 0)])
-def test_cps_on_selects_the_unlabelled_or_all_samples(monkeypatch, cps_on, expected_start):
-    method = build_method("cross_pseudo_supervision", _context(augment=NO_AUGMENT), {"cps_on": cps_on})
+def test_cps_on_selects_the_unlabelled_or_all_samples(monkeypatch, cps_on, expected_start, tiny_context):
+    method = build_method("cross_pseudo_supervision", tiny_context(augment=NO_AUGMENT), {"cps_on": cps_on})
     method.trained["net1"], method.trained["net2"] = nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 1)
     seen = {}
 
@@ -83,8 +77,8 @@ def test_cps_on_selects_the_unlabelled_or_all_samples(monkeypatch, cps_on, expec
         torch.testing.assert_close(seen["logits2"], method.trained["net2"](images))
 
 
-def test_adaptive_weight_is_the_previous_epochs_mean_dice_and_survives_a_round_trip():
-    context = _context(augment=NO_AUGMENT)
+def test_adaptive_weight_is_the_previous_epochs_mean_dice_and_survives_a_round_trip(tiny_context):
+    context = tiny_context(augment=NO_AUGMENT)
     method = build_method("cross_pseudo_supervision", context, {"adaptive_weight": True})
     method.train()
     batch = _batch(2)
@@ -104,8 +98,8 @@ def test_adaptive_weight_is_the_previous_epochs_mean_dice_and_survives_a_round_t
     assert restored.training_step(batch, STEP).logs["cons_weight"] == pytest.approx(1.5 * sum(dices) / 2)
 
 
-def test_logged_dice_is_one_minus_the_soft_dice_loss_of_both_networks():
-    method = build_method("cross_pseudo_supervision", _context(augment=NO_AUGMENT), {})
+def test_logged_dice_is_one_minus_the_soft_dice_loss_of_both_networks(tiny_context):
+    method = build_method("cross_pseudo_supervision", tiny_context(augment=NO_AUGMENT), {})
     method.trained["net1"], method.trained["net2"] = nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 1)
     batch = _batch(2)
     output = method.training_step(batch, STEP)
@@ -116,8 +110,8 @@ def test_logged_dice_is_one_minus_the_soft_dice_loss_of_both_networks():
 
 
 @pytest.mark.parametrize("dims,pseudo_loss", [(2, "ce"), (3, "ce"), (2, "lovasz")])
-def test_one_step_is_finite_and_the_cps_term_trains_both_networks(dims, pseudo_loss):
-    method = build_method("cross_pseudo_supervision", _context(dims), {"pseudo_loss": pseudo_loss})
+def test_one_step_is_finite_and_the_cps_term_trains_both_networks(dims, pseudo_loss, tiny_context):
+    method = build_method("cross_pseudo_supervision", tiny_context(dims), {"pseudo_loss": pseudo_loss})
     method.train()
     assert method.segmenters == ("net1", "net2") and method.eval_model() is method.trained["net1"]
     assert not torch.equal(next(method.trained["net1"].parameters()), next(method.trained["net2"].parameters()))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from semiseg.augment import AugmentSettings, identity_affine
+from semiseg.augment import identity_affine
 from semiseg.components.embedding import (
     angular_cosine_distance,
     foreground_fraction,
@@ -19,15 +19,9 @@ from semiseg.components.embedding import (
     random_feature_embedding_loss,
     sample_pixels,
 )
-from semiseg.methods import BuildContext, Progress, build_method
+from semiseg.methods import Progress, build_method
 
 SPATIAL = {2: (16, 16), 3: (8, 16, 16)}
-
-
-def _context(dims: int, seed: int = 0) -> BuildContext:
-    return BuildContext(dims=dims, in_channels=1, num_classes=2,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=AugmentSettings(), rampup_epochs=0.0, rampup_shape="none", seed=seed)
 
 
 def _batch(dims: int) -> dict[str, torch.Tensor]:
@@ -154,8 +148,8 @@ def test_embedding_loss_is_zero_for_orthogonal_classes_and_collapsed_same_class(
     assert float(mixed) > 0.1
 
 
-def test_pixel_classes_use_labels_then_the_prediction_and_mark_outside_pixels():
-    method = build_method("feature_embedding", _context(2), {})
+def test_pixel_classes_use_labels_then_the_prediction_and_mark_outside_pixels(tiny_context):
+    method = build_method("feature_embedding", tiny_context(2), {})
     labels = torch.tensor([[[0, 1], [1, 0]]])
     logits = torch.zeros(2, 2, 2, 2)
     logits[1, 1, 0, :] = 5.0
@@ -169,8 +163,8 @@ def test_pixel_classes_use_labels_then_the_prediction_and_mark_outside_pixels():
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_training_step_is_finite_and_the_embedding_term_trains_the_network(dims):
-    method = build_method("feature_embedding", _context(dims), {"num_samples": 40})
+def test_training_step_is_finite_and_the_embedding_term_trains_the_network(dims, tiny_context):
+    method = build_method("feature_embedding", tiny_context(dims), {"num_samples": 40})
     method.train()
     batch = _batch(dims)
     output = method.training_step(batch, Progress(step=0, epoch=0.0, max_epochs=1))
@@ -184,8 +178,8 @@ def test_training_step_is_finite_and_the_embedding_term_trains_the_network(dims)
     assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_prior_none_ignores_the_unlabelled_images():
-    method = build_method("feature_embedding", _context(2), {"num_samples": 40, "unlabelled_prior": "none"})
+def test_prior_none_ignores_the_unlabelled_images(tiny_context):
+    method = build_method("feature_embedding", tiny_context(2), {"num_samples": 40, "unlabelled_prior": "none"})
     method.train()
     batch = _batch(2)
     batch["image_u"] = torch.full_like(batch["image_u"], float("nan"))
@@ -194,14 +188,14 @@ def test_prior_none_ignores_the_unlabelled_images():
     assert float(output.logs["loss_cons"]) > 0
 
 
-def test_invalid_choice_is_rejected():
+def test_invalid_choice_is_rejected(tiny_context):
     with pytest.raises(ValueError, match="distance"):
-        build_method("feature_embedding", _context(2), {"distance": "cosine"})
+        build_method("feature_embedding", tiny_context(2), {"distance": "cosine"})
 
 
-def test_state_dict_round_trip():
-    source = build_method("feature_embedding", _context(2, seed=0), {})
-    target = build_method("feature_embedding", _context(2, seed=1), {})
+def test_state_dict_round_trip(tiny_context):
+    source = build_method("feature_embedding", tiny_context(2, seed=0), {})
+    target = build_method("feature_embedding", tiny_context(2, seed=1), {})
     source.generator.manual_seed(9)
     target.load_state_dict(source.state_dict())
     for a, b in zip(source.trained["student"].state_dict().values(), target.trained["student"].state_dict().values()):

@@ -12,17 +12,11 @@ from semiseg.augment import AugmentSettings
 from semiseg.components.elastic import (deformed_valid_mask, elastic_deform, elastic_deform_labels,
                                         elastic_deform_pair, sample_displacement)
 from semiseg.losses import one_hot, symmetric_kl_divergence
-from semiseg.methods import BuildContext, Progress, build_method
+from semiseg.methods import Progress, build_method
 from semiseg.methods.transform_consistency import (SampledTransform, TransformConsistencyParams, probability_divergence,
                                                    sample_transform, shift_affine)
 
 END = Progress(step=0, epoch=0.0, max_epochs=1)
-
-
-def _context(dims: int = 2, num_classes: int = 2, augment: AugmentSettings | None = None) -> BuildContext:
-    return BuildContext(dims=dims, in_channels=1, num_classes=num_classes,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=augment or AugmentSettings(), rampup_epochs=0.0, rampup_shape="none", seed=0)
 
 
 def _batch(dims: int) -> dict[str, torch.Tensor]:
@@ -142,9 +136,9 @@ def test_noise_transform_leaves_probabilities_and_labels_and_clips_images():
         sample_transform("flip", images, TransformConsistencyParams(), AugmentSettings(), None)
 
 
-def test_consistency_is_near_zero_for_a_pointwise_network_on_a_smooth_image():
+def test_consistency_is_near_zero_for_a_pointwise_network_on_a_smooth_image(tiny_context):
     """The method compares aligned maps: a per-voxel network on a smooth image is almost consistent."""
-    method = build_method("transform_consistency", _context(), {"transform": "shift", "base_augment": False})
+    method = build_method("transform_consistency", tiny_context(), {"transform": "shift", "base_augment": False})
     method.trained["student"] = nn.Conv2d(1, 2, 1)
     grid = torch.linspace(-1, 1, 16)
     smooth = (grid[:, None] + grid[None, :]).expand(2, 1, 16, 16)
@@ -157,8 +151,8 @@ def test_consistency_is_near_zero_for_a_pointwise_network_on_a_smooth_image():
 
 @pytest.mark.parametrize("dims,transform", [(2, "elastic"), (3, "elastic"), (2, "shift"), (2, "rotation"),
                                             (2, "noise"), (3, "affine")])
-def test_one_step_is_finite_and_its_consistency_trains_the_network(dims, transform):
-    method = build_method("transform_consistency", _context(dims), {"transform": transform})
+def test_one_step_is_finite_and_its_consistency_trains_the_network(dims, transform, tiny_context):
+    method = build_method("transform_consistency", tiny_context(dims), {"transform": transform})
     method.train()
     output = method.training_step(_batch(dims), END)
     assert torch.isfinite(output.objectives["main"]) and output.logs["cons_weight"] == 1.0

@@ -10,21 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg.augment import AugmentSettings
 from semiseg.components.uncertainty import (certainty_mask, dropout_active, masked_consistency, mc_teacher_probs,
                                             predictive_entropy, uncertainty_threshold)
-from semiseg.methods import BuildContext, Progress, build_method
+from semiseg.methods import Progress, build_method
 from semiseg.schedules import rampup
 
 START = Progress(step=0, epoch=0.0, max_epochs=10, stage_epoch=0.0)
 END = Progress(step=0, epoch=10.0, max_epochs=10, stage_epoch=10.0)
-
-
-def _context(dims: int = 2, num_classes: int = 2, rampup_epochs: float = 0.0) -> BuildContext:
-    return BuildContext(dims=dims, in_channels=1, num_classes=num_classes,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=AugmentSettings(), rampup_epochs=rampup_epochs,
-                        rampup_shape="sigmoid" if rampup_epochs else "none", seed=0)
 
 
 def _batch(dims: int) -> dict[str, torch.Tensor]:
@@ -58,8 +50,8 @@ def test_threshold_ramps_from_three_quarters_of_ln_c_to_ln_c(num_classes):
 
 
 @pytest.mark.parametrize("num_classes", [2, 4])
-def test_the_method_ramps_the_threshold_with_the_configured_rampup(num_classes):
-    method = build_method("ua_mean_teacher", _context(num_classes=num_classes, rampup_epochs=10.0),
+def test_the_method_ramps_the_threshold_with_the_configured_rampup(num_classes, tiny_context):
+    method = build_method("ua_mean_teacher", tiny_context(num_classes=num_classes, rampup_epochs=10.0),
                           {"mc_passes": 2, "pretrain_epochs": 5})
     method.train()
     ln_c = math.log(num_classes)
@@ -68,7 +60,7 @@ def test_the_method_ramps_the_threshold_with_the_configured_rampup(num_classes):
     assert start.logs["uncertainty_threshold"] == pytest.approx((0.75 + 0.25 * math.exp(-5.0)) * ln_c)
     assert start.logs["cons_weight"] == pytest.approx(0.1 * math.exp(-5.0))
     assert end.logs["uncertainty_threshold"] == pytest.approx(ln_c)
-    without_rampup = build_method("ua_mean_teacher", _context(num_classes=num_classes), {"mc_passes": 2})
+    without_rampup = build_method("ua_mean_teacher", tiny_context(num_classes=num_classes), {"mc_passes": 2})
     assert without_rampup.training_step(_batch(2), START).logs["uncertainty_threshold"] == pytest.approx(ln_c)
 
 
@@ -129,8 +121,8 @@ def test_mc_passes_are_stochastic_average_softmax_and_leave_batchnorm_statistics
 
 
 @pytest.mark.parametrize("dims,cons_on", [(2, "unlabelled"), (3, "unlabelled"), (2, "all")])
-def test_one_step_is_finite_and_its_consistency_trains_the_student_only(dims, cons_on):
-    method = build_method("ua_mean_teacher", _context(dims), {"cons_on": cons_on})
+def test_one_step_is_finite_and_its_consistency_trains_the_student_only(dims, cons_on, tiny_context):
+    method = build_method("ua_mean_teacher", tiny_context(dims), {"cons_on": cons_on})
     method.train()
     teacher_before = [p.clone() for p in method.frozen["teacher"].parameters()]
     output = method.training_step(_batch(dims), END)
@@ -145,8 +137,8 @@ def test_one_step_is_finite_and_its_consistency_trains_the_student_only(dims, co
     assert method.eval_model() is method.frozen["teacher"]
 
 
-def test_consistency_covers_only_the_unlabelled_images_by_default():
-    method = build_method("ua_mean_teacher", _context(), {"mc_passes": 2})
+def test_consistency_covers_only_the_unlabelled_images_by_default(tiny_context):
+    method = build_method("ua_mean_teacher", tiny_context(), {"mc_passes": 2})
     method.train()
     batch = _batch(2)
     del batch["image_u"]
@@ -156,17 +148,17 @@ def test_consistency_covers_only_the_unlabelled_images_by_default():
     assert float(method.training_step(batch, END).logs["loss_cons"]) > 0
 
 
-def test_uncertain_voxels_are_left_out_at_the_start():
+def test_uncertain_voxels_are_left_out_at_the_start(tiny_context):
     """An untrained network is near-uniform: at 0.75·ln C few voxels are certain, at ln C nearly all."""
-    method = build_method("ua_mean_teacher", _context(rampup_epochs=10.0), {"mc_passes": 2})
+    method = build_method("ua_mean_teacher", tiny_context(rampup_epochs=10.0), {"mc_passes": 2})
     method.train()
     start = float(method.training_step(_batch(2), START).logs["certain_fraction"])
     end = float(method.training_step(_batch(2), END).logs["certain_fraction"])
     assert end > 0.9 and start < end
 
 
-def test_after_step_moves_the_teacher_towards_the_student():
-    method = build_method("ua_mean_teacher", _context(), {"ema_decay": 0.5})
+def test_after_step_moves_the_teacher_towards_the_student(tiny_context):
+    method = build_method("ua_mean_teacher", tiny_context(), {"ema_decay": 0.5})
     with torch.no_grad():
         for p in method.trained["student"].parameters():
             p.add_(1.0)

@@ -51,8 +51,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semiseg.data.errors import DatasetError
-from semiseg.data.layout import CaseFiles, DatasetLayout, load_case, max_voxels
+from semiseg.data.dataset import CaseFiles, DatasetLayout
+from semiseg.data.nifti import max_voxels
 from semiseg.data.preprocess import PreprocessedCase, PreprocessSettings, preprocess_case
+from semiseg.data.validation import load_case
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -209,11 +211,11 @@ def build_cache(
 ) -> CacheInfo:
     """Preprocess every training case into a Parquet cache, or reuse the existing one.
 
-    Cases are loaded, checked (as :func:`~semiseg.data.layout.validate_layout`
+    Cases are loaded, checked (as :func:`~semiseg.data.validation.validate_layout`
     does), preprocessed and written one at a time, so memory holds one case.
 
     Args:
-        layout: The dataset (e.g. from :func:`semiseg.data.layout.read_dataset`).
+        layout: The dataset (e.g. from :func:`semiseg.data.formats.read_dataset`).
         settings: The preprocessing settings.
         cache_root: The folder holding all caches (created if missing).
         progress: Called as ``progress(done, total, case_id)`` after each case.
@@ -477,6 +479,16 @@ class CachedDataset:
     def settings(self) -> PreprocessSettings:
         """The preprocessing settings the cache was built with."""
         return PreprocessSettings.from_dict(self.manifest["settings"])
+
+    @property
+    def class_ids(self) -> tuple[int, ...]:
+        """Declared label values, sorted (background included), as :attr:`DatasetLayout.class_ids`."""
+        return tuple(sorted(int(value) for value in self.manifest["labels"].values()))
+
+    @property
+    def num_channels(self) -> int:
+        """Image channels per case, as :attr:`DatasetLayout.num_channels`."""
+        return len(self.manifest["channel_names"])
 
     @property
     def case_ids(self) -> tuple[str, ...]:

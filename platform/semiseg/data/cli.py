@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from semiseg.data.cache import CachedDataset, absent_label_problem, build_cache, stderr_progress
+from semiseg.data.dataset import DatasetLayout
 from semiseg.data.errors import DatasetError
-from semiseg.data.layout import DatasetLayout, read_dataset
+from semiseg.data.formats import read_dataset
 from semiseg.data.preprocess import NORMALISATIONS, PreprocessSettings
 from semiseg.data.source import default_cache_dir
 from semiseg.data.splits import make_split

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+Problems = list[tuple[str, str]]
+"""Problems found so far, as ``(path, message)`` pairs: readers append to it and raise one
+:class:`DatasetError` with all of them at the end."""
+
 
 class DatasetError(Exception):
     """One or more problems with a dataset, each tied to a file or a topic.

@@ -31,20 +31,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from semiseg.data.errors import DatasetError
-from semiseg.data.layout import (
-    SUPPORTED_ENDINGS,
+from semiseg.data.dataset import (
     CaseFiles,
     DatasetLayout,
-    Problems,
     check_root,
     duplicate_case_problems,
-    os_error_reason,
     parse_channel_map,
     read_dataset_json,
-    unreadable_reason,
     with_extra_unlabelled,
 )
+from semiseg.data.errors import DatasetError, Problems
+from semiseg.data.nifti import SUPPORTED_ENDINGS, nifti_ending, os_error_reason, unreadable_reason
 
 MSD_REQUIRED_KEYS = ("modality", "labels", "training")
 LAYOUT_FORMAT = "msd"
@@ -73,7 +70,7 @@ def read_msd(
     """Read a dataset in the Medical Segmentation Decathlon layout.
 
     Only ``dataset.json`` and the existence of the listed files are checked
-    here; :func:`semiseg.data.layout.validate_layout` checks the voxels
+    here; :func:`semiseg.data.validation.validate_layout` checks the voxels
     (including each image's channel count against ``modality``).
 
     Args:
@@ -109,7 +106,7 @@ def read_msd(
         name=str(meta.get("name", root.name)),
         channel_names=channel_names,
         labels=labels,
-        file_ending=_ending(training[0].image_paths[0]) or ".nii.gz",
+        file_ending=nifti_ending(training[0].image_paths[0]) or ".nii.gz",
         training=tuple(sorted(training, key=lambda case: case.case_id)),
         test=tuple(sorted(test, key=lambda case: case.case_id)),
         layout_format=LAYOUT_FORMAT,
@@ -197,7 +194,7 @@ def _listed_file(root: Path, listed: str, where: str, what: str, problems: Probl
     if outside is not None:
         problems.append((str(root / "dataset.json"), f"{where} {what} {listed!r} {outside}"))
         return None
-    if _ending(path) is None:
+    if nifti_ending(path) is None:
         problems.append(
             (str(path), f"{what} listed in dataset.json {where} is not a NIfTI file (use one of {SUPPORTED_ENDINGS})")
         )
@@ -237,7 +234,7 @@ def _scan_extra(folder: Path, packed: int, problems: Problems) -> tuple[CaseFile
     except OSError as exc:
         problems.append((str(folder), f"cannot list folder: {os_error_reason(folder, exc)}"))
         return ()
-    paths = [path for path in entries if not path.name.startswith(".") and _ending(path) is not None]
+    paths = [path for path in entries if not path.name.startswith(".") and nifti_ending(path) is not None]
     for path in paths:
         reason = unreadable_reason(path)
         if reason is not None:
@@ -248,9 +245,5 @@ def _scan_extra(folder: Path, packed: int, problems: Problems) -> tuple[CaseFile
     return cases
 
 
-def _ending(path: Path) -> str | None:
-    return next((e for e in SUPPORTED_ENDINGS if path.name.endswith(e)), None)
-
-
 def _case_id(path: Path) -> str:
-    return path.name[: -len(_ending(path) or "")]
+    return path.name[: -len(nifti_ending(path) or "")]

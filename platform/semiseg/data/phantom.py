@@ -11,7 +11,7 @@ differ, so labelled data is scarce-but-informative: a setting in which
 semi-supervised learning can matter.
 
 The dataset is written in the nnU-Net v2 raw layout (see
-:mod:`semiseg.data.layout`); the generator's parameters and each case's site
+:mod:`semiseg.data.layout`, written by :mod:`semiseg.data.writer`); the generator's parameters and each case's site
 are stored in ``dataset.json`` under ``"semiseg_phantom"``.
 """
 
@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from semiseg.data.dataset import DatasetLayout
 from semiseg.data.errors import DatasetError
-from semiseg.data.layout import DatasetLayout, read_layout, write_case, write_dataset_json
+from semiseg.data.layout import read_layout
+from semiseg.data.writer import write_case, write_dataset_json
 
 GENERATOR_VERSION = 2
 PHANTOM_KEY = "semiseg_phantom"

@@ -15,7 +15,7 @@ the preprocessed spacing (``EvalCase.spacing``), not on the original grid.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +23,13 @@ import numpy as np
 
 from semiseg.data.cache import CachedDataset, Progress, build_cache
 from semiseg.data.errors import DatasetError
-from semiseg.data.layout import DatasetLayout, load_case, read_dataset
+from semiseg.data.dataset import DatasetLayout
+from semiseg.data.formats import read_dataset
 from semiseg.data.padding import channel_minimum, pad_centred
 from semiseg.data.preprocess import PreprocessedCase, PreprocessSettings, normalise, preprocess_case
 from semiseg.data.splits import Split, make_split
 from semiseg.data.stream import LazyCases, StreamSpec, unlabelled_bytes
+from semiseg.data.validation import load_case
 
 LOADERS = ("auto", "memory", "stream")
 
@@ -119,7 +121,7 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
     labels with background (0). Evaluation cases keep their own shapes.
 
     Args:
-        layout: a dataset read by :func:`semiseg.data.layout.read_dataset`.
+        layout: a dataset read by :func:`semiseg.data.formats.read_dataset`.
         num_labelled, num_validation, num_test: cases per role (the rest is unlabelled).
         split_seed: seed of the case-level split.
         dims: 2 (training on slices) or 3 (training on volumes); overrides ``settings.dims``.
@@ -146,21 +148,63 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
     split = make_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=num_labelled,
                        num_validation=num_validation, num_test=num_test, seed=split_seed)
     settings = dataclasses.replace(settings or PreprocessSettings(), dims=dims)
+    _check_loader(loader)
+    if cache_root is not None:
+        dataset = CachedDataset(build_cache(layout, settings, Path(cache_root), progress=progress).path)
+        return _split_from_cache(dataset, split, dims, loader, memory_budget_mb, stream_buffer_rows)
+    if loader == "stream":
+        raise DatasetError.single("data.loader", "streaming reads the preprocessed cache; give a cache folder")
+
+    def load(case_ids: Sequence[str]) -> list[PreprocessedCase]:
+        return [_preprocess_in_memory(layout, case_id, settings) for case_id in case_ids]
+    return _loaded_split(load, split, dims, tuple(layout.class_ids), layout.num_channels)
+
+
+def prepare_cached_split(dataset: CachedDataset, *, num_labelled: int, num_validation: int, num_test: int,
+                         split_seed: int, loader: str = "memory", memory_budget_mb: float = 2048.0,
+                         stream_buffer_rows: int = 256) -> PreparedData:
+    """Split a built cache by case and load every role, without reading the dataset folder.
+
+    What :func:`prepare_split` does with ``cache_root`` once the cache is built: the cases,
+    their labels, the declared labels and channels come from the cache's manifest, so
+    nothing of the dataset is listed, read or fingerprinted again. The training samples are
+    those of the cache's settings (``dims`` among them).
+
+    Args:
+        dataset: A complete cache (e.g. the one the study driver built and handed over).
+        num_labelled, num_validation, num_test, split_seed, loader, memory_budget_mb,
+            stream_buffer_rows: as for :func:`prepare_split`.
+
+    Returns:
+        The prepared arrays, the same as :func:`prepare_split` gives for the cache's dataset.
+
+    Raises:
+        DatasetError: the budget exceeds the labelled cases, a bad loader, or a cache
+            whose rows do not match its manifest.
+    """
+    split = make_split(dataset.labelled_ids, dataset.unlabelled_ids, num_labelled=num_labelled,
+                       num_validation=num_validation, num_test=num_test, seed=split_seed)
+    _check_loader(loader)
+    return _split_from_cache(dataset, split, dataset.settings.dims, loader, memory_budget_mb, stream_buffer_rows)
+
+
+def _check_loader(loader: str) -> None:
     if loader not in LOADERS:
         raise DatasetError.single("data.loader", f"must be one of {', '.join(LOADERS)}, got {loader!r}")
-    if cache_root is None:
-        if loader == "stream":
-            raise DatasetError.single("data.loader", "streaming reads the preprocessed cache; give a cache folder")
-        def load(case_ids: Sequence[str]) -> list[PreprocessedCase]:
-            return [_preprocess_in_memory(layout, case_id, settings) for case_id in case_ids]
-        stream = False
-    else:
-        dataset = CachedDataset(build_cache(layout, settings, Path(cache_root), progress=progress).path)
-        load = dataset.read_cases
-        stream = loader == "stream" or (
-            loader == "auto" and unlabelled_bytes(dataset, split.unlabelled) > memory_budget_mb * 1024 ** 2)
-    if stream:
-        return _streamed_split(layout, split, dims, dataset, stream_buffer_rows)
+
+
+def _split_from_cache(dataset: CachedDataset, split: Split, dims: int, loader: str, memory_budget_mb: float,
+                      stream_buffer_rows: int) -> PreparedData:
+    """Every role of ``split`` from a cache: loaded, or the unlabelled pool streamed (``loader``)."""
+    if loader == "stream" or (
+            loader == "auto" and unlabelled_bytes(dataset, split.unlabelled) > memory_budget_mb * 1024 ** 2):
+        return _streamed_split(split, dims, dataset, stream_buffer_rows)
+    return _loaded_split(dataset.read_cases, split, dims, dataset.class_ids, dataset.num_channels)
+
+
+def _loaded_split(load: Callable[[Sequence[str]], list[PreprocessedCase]], split: Split, dims: int,
+                  class_ids: tuple[int, ...], in_channels: int) -> PreparedData:
+    """Every role of ``split`` in memory, its cases read by ``load``."""
     labelled = load(split.labelled)
     unlabelled = load(split.unlabelled)
     images = _training_samples([c.image for c in labelled + unlabelled], dims,
@@ -170,12 +214,11 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
     evaluation = {role: [_eval_case(case) for case in load(getattr(split, role))]
                   for role in ("validation", "test")}
     return PreparedData(images[:len(labels_l)], labels_l, images[len(labels_l):], evaluation["validation"],
-                        evaluation["test"], tuple(layout.class_ids), layout.num_channels, split,
+                        evaluation["test"], class_ids, in_channels, split,
                         training_spacing=median_spacing(labelled))
 
 
-def _streamed_split(layout: DatasetLayout, split: Split, dims: int, dataset: CachedDataset,
-                    buffer_rows: int) -> PreparedData:
+def _streamed_split(split: Split, dims: int, dataset: CachedDataset, buffer_rows: int) -> PreparedData:
     """Labelled samples in memory, the unlabelled pool streamed, evaluation cases read lazily."""
     shapes = [dataset.case_entry(cid)["shape"] for cid in (*split.labelled, *split.unlabelled)]
     sample_shape = tuple(int(n) for n in np.max([shape[:2] if dims == 2 else shape for shape in shapes], axis=0))
@@ -183,10 +226,10 @@ def _streamed_split(layout: DatasetLayout, split: Split, dims: int, dataset: Cac
     images = _training_samples([c.image for c in labelled], dims,
                                [channel_minimum(c.image, dims) for c in labelled], sample_shape)
     labels = _training_samples([c.label for c in labelled], dims, [0] * len(labelled), sample_shape)
-    empty = np.zeros((0, layout.num_channels, *sample_shape), np.float32)
+    empty = np.zeros((0, dataset.num_channels, *sample_shape), np.float32)
     stream = StreamSpec(dataset.path, tuple(split.unlabelled), sample_shape, buffer_rows)
     return PreparedData(images, labels.astype(np.int64), empty, LazyCases(dataset, split.validation, _eval_case),
-                        LazyCases(dataset, split.test, _eval_case), tuple(layout.class_ids), layout.num_channels,
+                        LazyCases(dataset, split.test, _eval_case), dataset.class_ids, dataset.num_channels,
                         split, unlabelled_stream=stream, training_spacing=median_spacing(labelled))
 
 
@@ -223,5 +266,5 @@ def _eval_case(case: PreprocessedCase) -> EvalCase:
 
 
 def open_dataset(path: str | Path) -> DatasetLayout:
-    """Read a dataset folder in the nnU-Net v2 or Decathlon layout (see :func:`semiseg.data.layout.read_dataset`)."""
+    """Read a dataset folder in the nnU-Net v2 or Decathlon layout (see :func:`semiseg.data.formats.read_dataset`)."""
     return read_dataset(path)

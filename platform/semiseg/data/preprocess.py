@@ -29,7 +29,7 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
-from semiseg.data.layout import LoadedCase
+from semiseg.data.dataset import LoadedCase
 
 NORMALISATIONS = ("zscore", "zscore_nonzero", "ct")
 

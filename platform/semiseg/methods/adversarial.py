@@ -28,7 +28,6 @@ from typing import Mapping
 
 import torch
 
-from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
 from semiseg.components.discriminator import Discriminator, discriminator_loss, fooling_loss
 from semiseg.config import AT_LEAST_ONE, NON_NEGATIVE, Bounds
 from semiseg.losses import supervised_loss
@@ -73,16 +72,11 @@ class Adversarial(Method):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised + ramped adversarial loss for the segmenter; BCE for the discriminator."""
-        images_l, labels_l = batch["image_l"], batch["label_l"]
-        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
-        context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
-                              shape=images.shape[2:])
-        inputs = perturb_intensity(warp(images, theta), context.augment, self.generator)
+        augmented = self.augment_batch(batch)
+        inputs, n_l = augmented.images, augmented.n_l
         logits = self.trained["student"](inputs)
-        n_l = images_l.shape[0]
-        loss_sup = supervised_loss(context.supervised_loss, logits[:n_l], warp_labels(labels_l, theta[:n_l]))
-        if n_l == images.shape[0]:
+        loss_sup = supervised_loss(self.context.supervised_loss, logits[:n_l], augmented.labels)
+        if n_l == inputs.shape[0]:
             return StepOutput(objectives={"main": loss_sup}, logs={"loss_sup": loss_sup.detach()})
         probs = logits.float().softmax(dim=1)
         discriminator = self.trained["discriminator"]

@@ -22,8 +22,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from semiseg.augment import AugmentSettings
+from semiseg.augment import AugmentedBatch, AugmentSettings, augment_batch
 from semiseg.config import NON_NEGATIVE, Bounds, check_value
+from semiseg.losses import supervised_loss
 from semiseg.models import build_model
 
 HPARAM_METADATA = "semiseg.hparam"
@@ -174,7 +175,7 @@ class Method:
 
     Subclasses set ``name``, ``Params`` (a frozen dataclass extending :class:`MethodParams`
     whose fields are declared with :func:`hparam`; the method receives it already checked,
-    as ``self.params``) and ``uses_unlabelled``, and implement ``training_step``. Under several workers the loop wraps the networks named in
+    as ``self.params``) and ``uses_unlabelled``, and implement ``training_step``. Under several workers :meth:`wrap_for_ddp` wraps the networks named in
     ``segmenters`` in ``DistributedDataParallel`` (with ``find_unused_parameters`` when
     ``ddp_find_unused_parameters``: a step leaves part of a network out) and averages the
     gradients of the other trained modules (discriminators, projection heads) itself, so
@@ -209,12 +210,28 @@ class Method:
         By default: the supervised loss of every trained segmenter on the augmented
         labelled batch. A method with another pretext (contrastive pretraining) overrides it.
         """
-        from semiseg.methods.supervised import augmented_supervised_loss
-
         losses = [augmented_supervised_loss(self, network, batch["image_l"], batch["label_l"])
                   for key, network in self.trained.items() if key in self.segmenters]
         loss = sum(losses) / len(losses)
         return StepOutput(objectives={"main": loss}, logs={"loss_sup": loss.detach()})
+
+    def progress(self, step: int, epoch: float, max_epochs: int) -> Progress:
+        """Where training is in this method's stages at global ``step`` and fractional ``epoch``.
+
+        The first ``pretrain_epochs`` epochs (the hyperparameter every method has) are the
+        ``pretrain`` stage, whose steps the loop runs with :meth:`pretrain_step`; then the
+        ``semi`` stage, run with :meth:`training_step`, whose ramp-ups count its epochs
+        (``stage_epoch``) from its start.
+        """
+        pretrain_epochs = self.params.pretrain_epochs
+        return Progress(step=step, epoch=epoch, max_epochs=max_epochs, stage_epoch=max(0.0, epoch - pretrain_epochs),
+                        stage="pretrain" if epoch < pretrain_epochs else "semi")
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Hook before epoch ``epoch`` (0-based) trains: calls :meth:`begin_semi_supervised` when it is
+        the first epoch of the semi-supervised stage after pretraining (also on a resume there)."""
+        if 0 < self.params.pretrain_epochs == epoch:
+            self.begin_semi_supervised()
 
     def begin_semi_supervised(self) -> None:
         """Hook when the semi-supervised stage starts after pretraining (e.g. reset an EMA teacher)."""
@@ -228,6 +245,25 @@ class Method:
     def eval_model(self) -> nn.Module:
         """Network used for validation and test."""
         return self.trained["student"]
+
+    def wrap_for_ddp(self, device_ids: list[int] | None) -> list[nn.Parameter]:
+        """Prepare the networks for training under several workers (the loop calls it once, after
+        building the method and before building its optimisers).
+
+        Wraps the trained networks named in ``segmenters`` in ``DistributedDataParallel`` on
+        ``device_ids`` (None on CPU), with ``find_unused_parameters`` when
+        ``ddp_find_unused_parameters``. The other trained modules (discriminators, projection
+        heads) stay as they are: their parameters that require gradients are returned, and the
+        loop averages those gradients across workers itself after every backward pass.
+        """
+        manual: list[nn.Parameter] = []
+        for key, module in self.trained.items():
+            if key in self.segmenters:
+                self.trained[key] = nn.parallel.DistributedDataParallel(
+                    module, device_ids=device_ids, find_unused_parameters=self.ddp_find_unused_parameters)
+            else:
+                manual.extend(p for p in module.parameters() if p.requires_grad)
+        return manual
 
     def train(self) -> None:
         """Put every network in training mode (teachers stay in eval unless a method says)."""
@@ -260,11 +296,29 @@ class Method:
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`extra_state`."""
 
+    def augment_batch(self, batch: Mapping[str, torch.Tensor], *, unlabelled: bool = True) -> AugmentedBatch:
+        """The shared affine and intensity augmentation of ``batch``, drawn from the method's generator.
+
+        Labelled images first, then ``image_u`` unless ``unlabelled`` is false; see
+        :func:`semiseg.augment.augment_batch`.
+        """
+        return augment_batch(batch, self.context.dims, self.context.augment, self.generator, unlabelled=unlabelled)
+
     def cons_weight(self, progress: Progress, weight: float) -> float:
         """``weight`` times the configured ramp-up at the semi-supervised stage's epoch."""
         from semiseg.schedules import rampup
 
         return weight * rampup(progress.stage_epoch, self.context.rampup_epochs, self.context.rampup_shape)
+
+
+def augmented_supervised_loss(method: Method, network: nn.Module, images: torch.Tensor,
+                              labels: torch.Tensor) -> torch.Tensor:
+    """Supervised loss of ``network`` on spatially and intensity-augmented labelled images.
+
+    The default pretraining step; shared by methods whose supervised term is the plain one.
+    """
+    augmented = method.augment_batch({"image_l": images, "label_l": labels})
+    return supervised_loss(method.context.supervised_loss, network(augmented.images), augmented.labels)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -26,12 +26,12 @@ from typing import Mapping
 
 import torch
 
-from semiseg.augment import perturb_intensity, sample_affine, warp
+from semiseg.augment import augment_images, mixed_images
 from semiseg.components.contrastive import ProjectionHead, nt_xent_loss, unet_bottleneck
 from semiseg.config import AT_LEAST_ONE, POSITIVE
-from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
+from semiseg.methods.base import (BuildContext, Method, MethodParams, Progress, StepOutput,
+                                  augmented_supervised_loss, hparam)
 from semiseg.methods.registry import register_method
-from semiseg.methods.supervised import augmented_supervised_loss
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ContrastivePretrain(Method):
 
     def pretrain_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """NT-Xent between two augmented views of every image of the batch."""
-        images = torch.cat([batch["image_l"], batch["image_u"]]) if "image_u" in batch else batch["image_l"]
+        images = mixed_images(batch)
         views = torch.cat([self._augment(images), self._augment(images)])
         projections = self.trained["projection"](unet_bottleneck(self.trained["student"], views))
         z1, z2 = projections.chunk(2)
@@ -79,7 +79,4 @@ class ContrastivePretrain(Method):
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         """One random affine + intensity view of ``images``."""
-        context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
-                              shape=images.shape[2:])
-        return perturb_intensity(warp(images, theta), context.augment, self.generator)
+        return augment_images(images, self.context.dims, self.context.augment, self.generator)[0]

@@ -31,7 +31,6 @@ from typing import Any, Mapping
 
 import torch
 
-from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
 from semiseg.components.pseudo_labels import PSEUDO_LOSSES, cross_pseudo_supervision_loss
 from semiseg.config import NON_NEGATIVE
 from semiseg.losses import soft_dice_loss, supervised_loss
@@ -72,14 +71,9 @@ class CrossPseudoSupervision(Method):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss of both networks, weighted cross pseudo supervision."""
-        images_l, labels_l = batch["image_l"], batch["label_l"]
-        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
-        context, n_l = self.context, images_l.shape[0]
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
-                              shape=images.shape[2:])
-        augmented = perturb_intensity(warp(images, theta), context.augment, self.generator)
-        labels = warp_labels(labels_l, theta[:n_l])
-        logits1, logits2 = self.trained["net1"](augmented), self.trained["net2"](augmented)
+        context, augmented = self.context, self.augment_batch(batch)
+        labels, n_l = augmented.labels, augmented.n_l
+        logits1, logits2 = self.trained["net1"](augmented.images), self.trained["net2"](augmented.images)
         loss_sup = (supervised_loss(context.supervised_loss, logits1[:n_l], labels)
                     + supervised_loss(context.supervised_loss, logits2[:n_l], labels))
         with torch.no_grad():

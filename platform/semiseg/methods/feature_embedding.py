@@ -29,7 +29,7 @@ from typing import Mapping
 
 import torch
 
-from semiseg.augment import perturb_intensity, sample_affine, valid_mask, warp, warp_labels
+from semiseg.augment import valid_mask
 from semiseg.components.embedding import DISTANCES, SAMPLING_STRATEGIES, random_feature_embedding_loss
 from semiseg.config import NON_NEGATIVE, POSITIVE, Bounds
 from semiseg.losses import supervised_loss
@@ -74,18 +74,10 @@ class FeatureEmbedding(Method):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss on the labelled part, ramped embedding loss on sampled pixels."""
-        images_l, labels_l = batch["image_l"], batch["label_l"]
-        use_unlabelled = "image_u" in batch and self.params.unlabelled_prior == "prediction"
-        images = torch.cat([images_l, batch["image_u"]]) if use_unlabelled else images_l
-        context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
-                              shape=images.shape[2:])
-        inputs = perturb_intensity(warp(images, theta), context.augment, self.generator)
-        logits, features = self.trained["student"](inputs, return_features=True)
-        n_l = images_l.shape[0]
-        warped_labels = warp_labels(labels_l, theta[:n_l])
-        loss_sup = supervised_loss(context.supervised_loss, logits[:n_l], warped_labels)
-        classes = self._pixel_classes(warped_labels, logits, theta)
+        augmented = self.augment_batch(batch, unlabelled=self.params.unlabelled_prior == "prediction")
+        logits, features = self.trained["student"](augmented.images, return_features=True)
+        loss_sup = supervised_loss(self.context.supervised_loss, logits[:augmented.n_l], augmented.labels)
+        classes = self._pixel_classes(augmented.labels, logits, augmented.theta)
         loss_emb = random_feature_embedding_loss(
             features, classes, num_samples=self.params.num_samples, strategy=self.params.sampling,
             distance=self.params.distance, margin=self.params.margin, generator=self.generator)

@@ -32,11 +32,11 @@ from typing import Mapping
 
 import torch
 
-from semiseg.augment import perturb_intensity, sample_affine, valid_mask, warp, warp_labels
-from semiseg.components.ema import EmaTeacher
+from semiseg.augment import valid_mask, warp
 from semiseg.config import FRACTION, NON_NEGATIVE, UNIT_OPEN
 from semiseg.losses import consistency_loss, supervised_loss
-from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
+from semiseg.methods.base import MethodParams, Progress, StepOutput, hparam
+from semiseg.methods.ema_teacher_base import EmaTeacherMethod
 from semiseg.methods.registry import register_method
 
 
@@ -60,34 +60,25 @@ class MeanTeacherParams(MethodParams):
 
 
 @register_method
-class MeanTeacher(Method):
-    """Student trained on labels and on consistency with its EMA teacher."""
+class MeanTeacher(EmaTeacherMethod):
+    """Student trained on labels and on consistency with its EMA teacher (evaluated: the teacher)."""
 
     name = "mean_teacher"
     Params = MeanTeacherParams
     params: MeanTeacherParams
 
-    def __init__(self, context: BuildContext, params: MeanTeacherParams) -> None:
-        super().__init__(context, params)
-        student = context.build_network()
-        self.trained["student"] = student
-        self.teacher = EmaTeacher(student, params.ema_decay, params.ema_decay_late, params.ema_switch_epoch)
-        self.frozen["teacher"] = self.teacher.module
+    def ema_schedule(self) -> tuple[float, float, float]:
+        """``ema_decay`` until ``ema_switch_epoch``, then ``ema_decay_late`` (the paper's schedule)."""
+        return self.params.ema_decay, self.params.ema_decay_late, self.params.ema_switch_epoch
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss on the labelled part, ramped consistency on all images."""
-        images_l, labels_l = batch["image_l"], batch["label_l"]
-        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
-        context, generator = self.context, self.generator
-        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device,
-                              shape=images.shape[2:])
-        student_in = perturb_intensity(warp(images, theta), context.augment, generator)
-        student_logits = self.trained["student"](student_in)
-        n_l = images_l.shape[0]
-        loss_sup = supervised_loss(context.supervised_loss, student_logits[:n_l],
-                                   warp_labels(labels_l, theta[:n_l]))
+        augmented = self.augment_batch(batch)
+        images, theta = augmented.original, augmented.theta
+        student_logits = self.trained["student"](augmented.images)
+        loss_sup = supervised_loss(self.context.supervised_loss, student_logits[:augmented.n_l], augmented.labels)
         with torch.no_grad():
-            noise = torch.randn(images.shape, generator=generator).to(images.device)
+            noise = torch.randn(images.shape, generator=self.generator).to(images.device)
             teacher_in = images + noise * self.params.teacher_noise_std
             teacher_probs = self.frozen["teacher"](teacher_in).float().softmax(dim=1)
             teacher_aligned = warp(teacher_probs, theta)
@@ -98,15 +89,3 @@ class MeanTeacher(Method):
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
                                 "cons_weight": weight},
                           unsupervised=loss_cons)
-
-    def begin_semi_supervised(self) -> None:
-        """After pretraining, the teacher starts as a copy of the pretrained student."""
-        self.teacher.reset_to_student()
-
-    def after_step(self, progress: Progress) -> None:
-        """EMA update of the teacher with the scheduled decay."""
-        self.teacher.update(progress.step, progress.stage_epoch)
-
-    def eval_model(self) -> torch.nn.Module:
-        """The teacher (the EMA model is the one the paper evaluates)."""
-        return self.frozen["teacher"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Any, Mapping
 
-from semiseg.config import ConfigError, check_value, coerce
+from semiseg.config import ConfigError, ExperimentConfig, check_value, coerce
 from semiseg.methods.base import BuildContext, HParam, Method, MethodParams, declared_hparams
 
-_NOT_METHODS = {"base", "registry", "components"}
+_NOT_METHODS = {"base", "registry", "components", "ema_teacher_base"}
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -29,9 +30,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def _discover() -> None:
-    import semiseg.methods as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name not in _NOT_METHODS:
             importlib.import_module(f"semiseg.methods.{info.name}")
 
@@ -107,3 +106,29 @@ def build_method(name: str, context: BuildContext, params: Mapping[str, Any] | M
     elif type(params) is not cls.Params:
         raise ConfigError(f"method {name!r} takes {cls.Params.__name__}, not {type(params).__name__}")
     return cls(context, params)
+
+
+class RegisteredMethods:
+    """The registered methods as a configuration sees them (a :class:`semiseg.config.MethodCatalogue`)."""
+
+    def names(self) -> list[str]:
+        """Names of all registered methods, sorted."""
+        return method_names()
+
+    def hparams(self, name: str) -> dict[str, HParam]:
+        """Declared hyperparameters of method ``name``."""
+        return method_hparams(name)
+
+
+REGISTERED_METHODS = RegisteredMethods()
+"""The catalogue of the registered methods that :class:`ExperimentConfig` fills and checks the method section with."""
+
+
+def experiment_config(flat: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """:meth:`ExperimentConfig.from_flat` with the registered methods: the configuration of dotted keys
+    ``flat`` (the defaults when None), the chosen method's declared defaults filled in.
+
+    Raises:
+        ConfigError: see :meth:`ExperimentConfig.from_flat`.
+    """
+    return ExperimentConfig.from_flat(flat or {}, REGISTERED_METHODS)

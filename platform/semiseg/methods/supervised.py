@@ -14,23 +14,8 @@ from typing import Mapping
 
 import torch
 
-from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
-from semiseg.losses import supervised_loss
-from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, augmented_supervised_loss
 from semiseg.methods.registry import register_method
-
-
-def augmented_supervised_loss(method: Method, network: torch.nn.Module, images: torch.Tensor,
-                              labels: torch.Tensor) -> torch.Tensor:
-    """Supervised loss of ``network`` on spatially and intensity-augmented labelled images.
-
-    Shared by methods whose supervised term is the plain one.
-    """
-    context = method.context
-    theta = sample_affine(images.shape[0], context.dims, context.augment, method.generator, images.device,
-                          shape=images.shape[2:])
-    warped = perturb_intensity(warp(images, theta), context.augment, method.generator)
-    return supervised_loss(context.supervised_loss, network(warped), warp_labels(labels, theta))
 
 
 @register_method

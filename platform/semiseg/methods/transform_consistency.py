@@ -33,7 +33,7 @@ from typing import Mapping
 
 import torch
 
-from semiseg.augment import AugmentSettings, perturb_intensity, sample_affine, valid_mask, warp, warp_labels
+from semiseg.augment import AugmentSettings, mixed_images, sample_affine, valid_mask, warp, warp_labels
 from semiseg.components.elastic import (deformed_valid_mask, elastic_deform, elastic_deform_labels,
                                         sample_displacement)
 from semiseg.config import NON_NEGATIVE, Bounds
@@ -239,13 +239,8 @@ class TransformConsistency(Method):
 
     def _augmented(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Labelled + unlabelled images (optionally augmented), the labelled part's labels, its size."""
-        images_l, labels = batch["image_l"], batch["label_l"]
-        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
         if not self.params.base_augment:
-            return images, labels, images_l.shape[0]
-        context = self.context
-        theta = sample_affine(images.shape[0], context.dims, context.augment, self.generator, images.device,
-                              shape=images.shape[2:])
-        images = perturb_intensity(warp(images, theta), context.augment, self.generator)
-        return images, warp_labels(labels, theta[:images_l.shape[0]]), images_l.shape[0]
+            return mixed_images(batch), batch["label_l"], batch["image_l"].shape[0]
+        augmented = self.augment_batch(batch)
+        return augmented.images, augmented.labels, augmented.n_l
 

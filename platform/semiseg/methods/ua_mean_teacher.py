@@ -37,13 +37,12 @@ from typing import Mapping
 
 import torch
 
-from semiseg.augment import perturb_intensity, sample_affine, warp, warp_labels
-from semiseg.components.ema import EmaTeacher
 from semiseg.components.uncertainty import (certainty_mask, clamped_noise, masked_consistency, mc_teacher_probs,
                                             predictive_entropy, uncertainty_threshold)
 from semiseg.config import NON_NEGATIVE, UNIT_OPEN, Bounds
 from semiseg.losses import supervised_loss
-from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
+from semiseg.methods.base import MethodParams, Progress, StepOutput, hparam
+from semiseg.methods.ema_teacher_base import EmaTeacherMethod
 from semiseg.methods.registry import register_method
 from semiseg.schedules import rampup
 
@@ -71,34 +70,25 @@ class UaMeanTeacherParams(MethodParams):
 
 
 @register_method
-class UaMeanTeacher(Method):
-    """Mean teacher whose consistency is restricted to voxels the teacher is certain about."""
+class UaMeanTeacher(EmaTeacherMethod):
+    """Mean teacher whose consistency is restricted to voxels the teacher is certain about.
+
+    The teacher's decay is ``ema_decay`` throughout (with the warm-up cap).
+    """
 
     name = "ua_mean_teacher"
     Params = UaMeanTeacherParams
     params: UaMeanTeacherParams
 
-    def __init__(self, context: BuildContext, params: UaMeanTeacherParams) -> None:
-        super().__init__(context, params)
-        student = context.build_network()
-        self.trained["student"] = student
-        self.teacher = EmaTeacher(student, params.ema_decay)
-        self.frozen["teacher"] = self.teacher.module
-
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss on the labelled part, uncertainty-masked consistency with the teacher."""
-        images_l, labels_l = batch["image_l"], batch["label_l"]
-        images = torch.cat([images_l, batch["image_u"]]) if "image_u" in batch else images_l
-        context, generator, n_l = self.context, self.generator, images_l.shape[0]
-        theta = sample_affine(images.shape[0], context.dims, context.augment, generator, images.device,
-                              shape=images.shape[2:])
-        augmented = perturb_intensity(warp(images, theta), context.augment, generator)
-        student_logits = self.trained["student"](augmented)
-        loss_sup = supervised_loss(context.supervised_loss, student_logits[:n_l],
-                                   warp_labels(labels_l, theta[:n_l]))
+        augmented = self.augment_batch(batch)
+        images, n_l = augmented.images, augmented.n_l
+        student_logits = self.trained["student"](images)
+        loss_sup = supervised_loss(self.context.supervised_loss, student_logits[:n_l], augmented.labels)
         start = n_l if self.params.cons_on == "unlabelled" else 0
-        threshold = uncertainty_threshold(self._threshold_ramp(progress), context.num_classes)
-        loss_cons, certain = self._consistency(student_logits[start:], augmented[start:], threshold)
+        threshold = uncertainty_threshold(self._threshold_ramp(progress), self.context.num_classes)
+        loss_cons, certain = self._consistency(student_logits[start:], images[start:], threshold)
         weight = self.cons_weight(progress, self.params.consistency)
         return StepOutput(objectives={"main": loss_sup + weight * loss_cons},
                           logs={"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),
@@ -126,15 +116,3 @@ class UaMeanTeacher(Method):
     def _threshold_ramp(self, progress: Progress) -> float:
         """Sigmoid ramp-up w(t) over the configured ramp-up epochs of the semi-supervised stage."""
         return rampup(progress.stage_epoch, self.context.rampup_epochs, "sigmoid")
-
-    def begin_semi_supervised(self) -> None:
-        """After pretraining, the teacher starts as a copy of the pretrained student."""
-        self.teacher.reset_to_student()
-
-    def after_step(self, progress: Progress) -> None:
-        """EMA update of the teacher with the warm-up-capped decay."""
-        self.teacher.update(progress.step, progress.stage_epoch)
-
-    def eval_model(self) -> torch.nn.Module:
-        """The EMA teacher (as for mean teacher; the reference code evaluates the student)."""
-        return self.frozen["teacher"]

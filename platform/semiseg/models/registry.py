@@ -1,4 +1,8 @@
-"""Registry of segmentation networks by name."""
+"""Registry of segmentation networks by name.
+
+The built-in networks are listed here (their modules do not know the registry, so that the
+registry imports them and never the other way round); :func:`register_model` adds others.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,15 @@ from typing import Callable
 
 from torch import nn
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from semiseg.models.unet import build_unet
+from semiseg.models.vnet import build_vnet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"unet": build_unet, "vnet": build_vnet}
+"""Registry name → network builder (keyword arguments of :func:`build_model` but ``name``)."""
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Class decorator that registers a network builder under ``name``."""
+    """Decorator that registers a network builder under ``name`` (besides the built-in ``unet`` and ``vnet``)."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:
@@ -42,13 +50,7 @@ def build_model(name: str, *, dims: int, in_channels: int, num_classes: int, dep
     Raises:
         KeyError: unknown name (the message lists the registered ones).
     """
-    _import_builtin_models()
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
     return MODELS[name](dims=dims, in_channels=in_channels, num_classes=num_classes,
                         depth=depth, width=width, dropout=dropout, norm=norm)
-
-
-def _import_builtin_models() -> None:
-    import semiseg.models.unet  # noqa: F401
-    import semiseg.models.vnet  # noqa: F401

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg.models.registry import register_model
-
 
 def _conv(dims: int) -> type[nn.Module]:
     return nn.Conv2d if dims == 2 else nn.Conv3d
@@ -126,7 +124,6 @@ def _pad_to(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pad)
 
 
-@register_model("unet")
 def build_unet(**kwargs) -> UNet:
     """Build a :class:`UNet` (registry entry ``unet``)."""
     return UNet(**kwargs)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semiseg.models.registry import register_model
 from semiseg.models.unet import _pad_to, make_norm
 
 
@@ -198,7 +197,6 @@ def _check_arguments(dims: int, depth: int, kernel_size: int) -> None:
                          f"got {kernel_size}")
 
 
-@register_model("vnet")
 def build_vnet(**kwargs) -> VNet:
     """Build a :class:`VNet` (registry entry ``vnet``); 3D only."""
     return VNet(**kwargs)

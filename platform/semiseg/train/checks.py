@@ -15,7 +15,7 @@ from semiseg.config import ConfigError, ExperimentConfig, check_value, parse_sha
 from semiseg.data.prepared import LOADERS
 from semiseg.data.source import preprocess_settings
 from semiseg.methods import BuildContext, build_method, get_method
-from semiseg.models.registry import MODELS, _import_builtin_models
+from semiseg.models.registry import MODELS
 from semiseg.models.unet import NORMS
 from semiseg.schedules import LR_SCHEDULES, RAMPUP_SHAPES
 from semiseg.train.optimizers import OPTIMIZERS
@@ -30,7 +30,6 @@ def check_config(cfg: ExperimentConfig) -> None:
     Raises:
         ConfigError: ``"<key> = <value> is not allowed: ..."`` for the first problem found.
     """
-    _import_builtin_models()
     check_value("model.name", cfg.model.name, choices=sorted(MODELS))
     check_value("model.norm", cfg.model.norm, choices=NORMS)
     check_value("optim.name", cfg.optim.name, choices=sorted(OPTIMIZERS))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from semiseg.config import ExperimentConfig
+from semiseg.methods.registry import experiment_config
 
 PRIVATE_PREFIX = "_"
 """Keys of a trial's dict that are the runner's, not configuration."""
@@ -21,6 +22,10 @@ VARIANT_KEY = "_variant"
 """A fixed phase grids over whole configurations, each stored under this key."""
 STORAGE_KEY = "_storage_path"
 """Where Ray keeps a study's results and checkpoints (a DDP trial's Train run stores there too)."""
+DATASET_KEY = "_dataset"
+"""The dataset the driver resolved, validated and preprocessed once: its cache folder and key
+(:func:`semiseg.data.source.dataset_handover`); a trial opens that cache instead of scanning and
+fingerprinting the dataset again (:func:`semiseg.data.source.configured_split`)."""
 SEARCH_PREFIX = "search"
 """Optuna parameters that are not config keys (e.g. ``search/1-method.ema_decay``)."""
 CHECKPOINT_FILE = "state.pt"
@@ -52,4 +57,4 @@ def config_from_trial(config: Mapping[str, Any]) -> ExperimentConfig:
     Raises:
         ConfigError: a key or value the configuration refuses.
     """
-    return ExperimentConfig.from_flat(public_config(expand_trial_config(config)))
+    return experiment_config(public_config(expand_trial_config(config)))

@@ -1,10 +1,15 @@
-"""The optimisers a configuration can name (``optim.name``), built for one parameter group."""
+"""The optimisers: built by name (``optim.name``) for each of a method's parameter groups, their
+learning rate scheduled, and one step of them (backward with AMP scaling, the gradient sync,
+clipping)."""
 
 from __future__ import annotations
 
 from typing import Callable, Iterable
 
 import torch
+
+from semiseg.config import ExperimentConfig
+from semiseg.methods import Method
 
 OptimizerBuilder = Callable[[Iterable[torch.nn.Parameter], float, float], torch.optim.Optimizer]
 
@@ -27,3 +32,44 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
         KeyError: a name not in :data:`OPTIMIZERS`.
     """
     return OPTIMIZERS[name](params, lr, weight_decay)
+
+
+def build_optimizers(method: Method, cfg: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
+    """One optimiser (``optim.*``) per parameter group of the method, each group's ``base_lr`` recorded
+    for :func:`set_learning_rate`."""
+    optimizers = {}
+    for group, params in method.optimizer_groups().items():
+        optimizers[group] = build_optimizer(cfg.optim.name, params, cfg.optim.lr, cfg.optim.weight_decay)
+        for param_group in optimizers[group].param_groups:
+            param_group["base_lr"] = param_group["lr"]
+    return optimizers
+
+
+def set_learning_rate(optimizers: dict[str, torch.optim.Optimizer], factor: float) -> None:
+    """Every parameter group's learning rate: its ``base_lr`` times the schedule's ``factor``."""
+    for optimizer in optimizers.values():
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = param_group["base_lr"] * factor
+
+
+def backward_and_step(objectives: dict[str, torch.Tensor], optimizers: dict[str, torch.optim.Optimizer],
+                      scaler: torch.amp.GradScaler, grad_clip: float, sync: Callable[[], None]) -> None:
+    """Back-propagate each objective into its own optimiser's parameters, ``sync`` the gradients
+    (workers), clip them to ``grad_clip`` (0: no clipping) and step every optimiser through ``scaler``."""
+    names = list(objectives)
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    for position, name in enumerate(names):
+        optimizer = optimizers[name]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        retain = position < len(names) - 1
+        scaler.scale(objectives[name]).backward(inputs=params, retain_graph=retain)
+    sync()
+    for name in names:
+        optimizer = optimizers[name]
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        scaler.step(optimizer)
+    scaler.update()

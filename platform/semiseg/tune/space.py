@@ -4,13 +4,14 @@ A space searches dotted config keys. Method hyperparameters take their ranges fr
 method's declaration (its paper's defaults and ranges); the shared training keys that
 studies search (learning rate, ramp-up length, weight decay) take theirs from
 :data:`CONFIG_RANGES`. Spaces are classes, not closures, so that Tune can pickle the
-searcher's state into its experiment checkpoint (``--resume``).
+searcher's state into its experiment checkpoint (``--resume``). Every space implements
+:class:`SearchSpace`, the interface the runner uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 from semiseg.config import SETTING_BOUNDS, ConfigError, check_value
 from semiseg.train.contract import SEARCH_PREFIX
@@ -25,6 +26,35 @@ CONFIG_RANGES: dict[str, HParam] = {
     "schedule.rampup_epochs": HParam(10.0, low=0.0, high=30.0, bounds=SETTING_BOUNDS["schedule.rampup_epochs"],
                                      help="epochs of the sigmoid ramp-up of the unsupervised weight"),
 }
+
+
+@runtime_checkable
+class SearchSpace(Protocol):
+    """What a study searches: an Optuna define-by-run space over dotted config keys.
+
+    A space must be picklable (a class instance, not a closure): Tune pickles the searcher,
+    and so its space, into the experiment checkpoint of a study that can resume.
+
+    Attributes:
+        keys: the dotted config keys it suggests (columns of the progress lines and tables).
+        chooses_method: whether it searches ``method.name`` itself; the base configuration
+            of its trials then has no ``method.*`` keys.
+        methods: method name → the names searched when that method trains (one entry for
+            a space of one method).
+    """
+
+    keys: list[str]
+    chooses_method: bool
+
+    @property
+    def methods(self) -> Mapping[str, Sequence[str]]:
+        """Method name → the names searched when that method trains."""
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        """Suggest every key on ``trial`` (an ``optuna.Trial``); return the derived constants."""
+
+    def default_point(self) -> dict[str, Any]:
+        """Optuna parameters of a known-good first trial ({} when there is none)."""
 
 
 def complement_name(key: str) -> str:
@@ -121,7 +151,7 @@ def with_range(name: str, hparam: HParam, bounds: tuple[float, float]) -> HParam
 
 
 class MethodSpace:
-    """A define-by-run space over some hyperparameters of one method.
+    """A define-by-run space over some hyperparameters of one method (a :class:`SearchSpace`).
 
     Args:
         method: registered method name.
@@ -141,6 +171,11 @@ class MethodSpace:
         self.ranges = {name: (float(low), float(high)) for name, (low, high) in (ranges or {}).items()
                        if name in self.names}
         self.keys = list(resolve(method, self.names, self.ranges))
+
+    @property
+    def methods(self) -> dict[str, list[str]]:
+        """The one method and its searched names."""
+        return {self.method: list(self.names)}
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         """Suggest every key; return the derived constants."""
@@ -167,7 +202,8 @@ class MethodSpace:
 
 
 class MethodChoiceSpace:
-    """A conditional space: the method is searched, and each method's own keys only when chosen.
+    """A conditional space: the method is searched, and each method's own keys only when chosen
+    (a :class:`SearchSpace`).
 
     Args:
         methods: method name → names to search when that method is chosen.

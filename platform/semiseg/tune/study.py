@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from semiseg.config import ConfigError
 
-SearchSpace = Callable[[Any], "Mapping[str, Any] | None"]
+if TYPE_CHECKING:  # the spaces import the methods (and torch); a study script stays light
+    from semiseg.tune.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -18,10 +19,11 @@ class Study:
         name: experiment name in MLflow and folder name under the runs folder.
         description: one line printed at the start.
         base: dotted-key overrides of the defaults shared by every trial.
-        search_space: Optuna define-by-run function ``(trial) -> constants`` for one search
-            over ``base``; it suggests dotted keys and may return derived constants (e.g.
-            ``method.ema_decay = 1 - complement``). Must be picklable (a class instance or
-            a module-level function) so that a study can resume.
+        search_space: a :class:`semiseg.tune.space.SearchSpace` (e.g. a ``MethodSpace`` or a
+            ``MethodChoiceSpace``) for one search over ``base``: an Optuna define-by-run space
+            that suggests dotted keys and may return derived constants (e.g.
+            ``method.ema_decay = 1 - complement``). A plain function is refused before Ray
+            starts: the runner needs the space's keys and seed point.
         methods: method name → names to search (method hyperparameters like ``ema_decay``
             or config keys like ``optim.lr``); one search per method with the same trial
             budget (a method with no names runs at its defaults only, in the final phase).
@@ -33,7 +35,7 @@ class Study:
             search are re-run with each seed next to the baselines (0: only the baselines,
             once), so results are reported as mean (std), not as one lucky trial. The seeds
             are fresh ones, after the search's (``--seed`` + 1 onwards; see
-            :func:`semiseg.tune.runner.final_phase_seeds`).
+            :func:`semiseg.tune.phases.final_phase_seeds`).
         final_top_k: configurations of each search re-run in the final phase.
         group_by: config keys that, with the method, group the final table (e.g.
             ``data.num_labelled`` for label-efficiency curves).

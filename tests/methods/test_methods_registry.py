@@ -10,14 +10,7 @@ import math
 import pytest
 import torch
 
-from semiseg.augment import AugmentSettings
-from semiseg.methods import BuildContext, Progress, build_method, method_names
-
-
-def _context(dims: int) -> BuildContext:
-    return BuildContext(dims=dims, in_channels=1, num_classes=2,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=AugmentSettings(), rampup_epochs=0.0, rampup_shape="none", seed=0)
+from semiseg.methods import Progress, build_method, method_names
 
 
 def _batch(dims: int) -> dict[str, torch.Tensor]:
@@ -43,10 +36,10 @@ def _semi_progress(method) -> Progress:
     return _progress("pretrain") if method.params.pretrain_epochs > 0 else _progress()
 
 
-def _build(name: str, dims: int):
+def _build(name: str, dims: int, tiny_context):
     torch.manual_seed(0)
     params = {"pretrain_epochs": 2} if name == "contrastive_pretrain" else {}
-    return build_method(name, _context(dims), params)
+    return build_method(name, tiny_context(dims), params)
 
 
 def _step(method, batch):
@@ -58,8 +51,8 @@ def _step(method, batch):
 
 
 @pytest.mark.parametrize("name,dims", CASES)
-def test_one_step_has_finite_objectives(name, dims):
-    method = _build(name, dims)
+def test_one_step_has_finite_objectives(name, dims, tiny_context):
+    method = _build(name, dims, tiny_context)
     output = _step(method, _batch(dims))
     assert output.objectives, "a step must return at least one objective"
     assert set(output.objectives) <= set(method.optimizer_groups())
@@ -68,8 +61,8 @@ def test_one_step_has_finite_objectives(name, dims):
 
 
 @pytest.mark.parametrize("name,dims", [c for c in CASES if c[0] != "supervised"])
-def test_unsupervised_term_is_nonzero_and_trains_only_trained_networks(name, dims):
-    method = _build(name, dims)
+def test_unsupervised_term_is_nonzero_and_trains_only_trained_networks(name, dims, tiny_context):
+    method = _build(name, dims, tiny_context)
     output = _step(method, _batch(dims))
     term = output.unsupervised
     assert term is not None, f"{name} must expose its unsupervised term"
@@ -82,11 +75,11 @@ def test_unsupervised_term_is_nonzero_and_trains_only_trained_networks(name, dim
 
 
 @pytest.mark.parametrize("name,dims", CASES)
-def test_state_dict_round_trip(name, dims):
-    source = _build(name, dims)
+def test_state_dict_round_trip(name, dims, tiny_context):
+    source = _build(name, dims, tiny_context)
     _step(source, _batch(dims))
     source.after_step(_progress())
-    target = build_method(name, _context(dims).__class__(**{**_context(dims).__dict__, "seed": 7}),
+    target = build_method(name, tiny_context(dims, seed=7),
                           {"pretrain_epochs": 2} if name == "contrastive_pretrain" else {})
     target.load_state_dict(source.state_dict())
     x = _batch(dims)["image_l"]
@@ -95,9 +88,9 @@ def test_state_dict_round_trip(name, dims):
         torch.testing.assert_close(a(x), b(x))
 
 
-def test_registry_knows_the_issue_2_methods_and_rejects_unknown():
+def test_registry_knows_the_issue_2_methods_and_rejects_unknown(tiny_context):
     assert {"supervised", "mean_teacher"} <= set(method_names())
     with pytest.raises(KeyError, match="registered"):
-        build_method("no_such_method", _context(2), {})
+        build_method("no_such_method", tiny_context(2), {})
     with pytest.raises(ValueError, match="no hyperparameter"):
-        build_method("mean_teacher", _context(2), {"not_a_param": 1})
+        build_method("mean_teacher", tiny_context(2), {"not_a_param": 1})

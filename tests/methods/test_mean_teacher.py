@@ -3,14 +3,11 @@
 import torch
 
 from semiseg.augment import AugmentSettings
-from semiseg.methods import BuildContext, Progress, build_method
+from semiseg.methods import Progress, build_method
 
 
-def _method(**params):
-    context = BuildContext(dims=2, in_channels=1, num_classes=2,
-                           model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.0, "norm": "batch"},
-                           augment=AugmentSettings(), rampup_epochs=0.0, rampup_shape="none", seed=0)
-    return build_method("mean_teacher", context, params)
+def _method(tiny_context, **params):
+    return build_method("mean_teacher", tiny_context(dropout=0.0), params)
 
 
 def _batch():
@@ -21,8 +18,8 @@ def _batch():
             "label_l": labels, "image_u": torch.randn(2, 1, 16, 16, generator=gen)}
 
 
-def test_teacher_gets_no_gradient_and_student_does():
-    method = _method()
+def test_teacher_gets_no_gradient_and_student_does(tiny_context):
+    method = _method(tiny_context)
     method.train()
     output = method.training_step(_batch(), Progress(step=0, epoch=0.0, max_epochs=1))
     output.objectives["main"].backward()
@@ -31,8 +28,8 @@ def test_teacher_gets_no_gradient_and_student_does():
     assert output.logs["cons_weight"] == 1.0
 
 
-def test_eval_model_is_the_teacher_and_after_step_moves_it_towards_the_student():
-    method = _method(ema_decay=0.5)
+def test_eval_model_is_the_teacher_and_after_step_moves_it_towards_the_student(tiny_context):
+    method = _method(tiny_context, ema_decay=0.5)
     assert method.eval_model() is method.frozen["teacher"]
     with torch.no_grad():
         for p in method.trained["student"].parameters():
@@ -44,8 +41,8 @@ def test_eval_model_is_the_teacher_and_after_step_moves_it_towards_the_student()
         torch.testing.assert_close(after, 0.5 * before + 0.5 * student)
 
 
-def test_begin_semi_supervised_copies_the_pretrained_student():
-    method = _method()
+def test_begin_semi_supervised_copies_the_pretrained_student(tiny_context):
+    method = _method(tiny_context)
     with torch.no_grad():
         for p in method.trained["student"].parameters():
             p.mul_(-2.0)
@@ -54,12 +51,10 @@ def test_begin_semi_supervised_copies_the_pretrained_student():
         assert torch.equal(t, s)
 
 
-def test_consistency_is_zero_for_a_student_equal_to_its_teacher_without_perturbation():
+def test_consistency_is_zero_for_a_student_equal_to_its_teacher_without_perturbation(tiny_context):
     """Sanity of the alignment: no augmentation, no noise, no dropout -> zero consistency."""
-    context = BuildContext(dims=2, in_channels=1, num_classes=2,
-                           model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.0, "norm": "batch"},
-                           augment=AugmentSettings(rotation_deg=0, scale=0, shift=0, noise_std=0, intensity=0),
-                           rampup_epochs=0.0, rampup_shape="none", seed=0)
+    context = tiny_context(dropout=0.0,
+                           augment=AugmentSettings(rotation_deg=0, scale=0, shift=0, noise_std=0, intensity=0))
     method = build_method("mean_teacher", context, {"teacher_noise_std": 0.0})
     method.trained["student"].eval()
     output = method.training_step(_batch(), Progress(step=0, epoch=0.0, max_epochs=1))

@@ -10,19 +10,12 @@ import math
 
 import pytest
 
-from semiseg.augment import AugmentSettings
 from semiseg.config import ConfigError
-from semiseg.methods import BuildContext, MethodParams, build_method, get_method, method_names, method_params
+from semiseg.methods import MethodParams, build_method, get_method, method_names, method_params
 from semiseg.methods.base import HPARAM_METADATA, declared_hparams, hparam
 from semiseg.methods.registry import method_hparams
 
 NAMES = method_names()
-
-
-def _context() -> BuildContext:
-    return BuildContext(dims=2, in_channels=1, num_classes=3,
-                        model={"name": "unet", "depth": 2, "width": 4, "dropout": 0.1, "norm": "batch"},
-                        augment=AugmentSettings(), rampup_epochs=0.0, rampup_shape="none")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -55,8 +48,8 @@ def test_defaults_and_search_ranges_lie_inside_the_declared_values(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_the_method_receives_its_typed_parameters(name):
-    method = build_method(name, _context(), {"pretrain_epochs": "2"})
+def test_the_method_receives_its_typed_parameters(name, tiny_context):
+    method = build_method(name, tiny_context(num_classes=3), {"pretrain_epochs": "2"})
     assert type(method.params) is get_method(name).Params
     assert method.params.pretrain_epochs == 2 and isinstance(method.params.pretrain_epochs, int)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -88,7 +81,7 @@ def test_every_choice_refuses_a_value_outside_its_choices(name, key):
         assert getattr(method_params(name, {key: str(value).lower()}), key) == value
 
 
-def test_unknown_hyperparameters_and_wrong_types_are_refused_with_the_key():
+def test_unknown_hyperparameters_and_wrong_types_are_refused_with_the_key(tiny_context):
     with pytest.raises(ConfigError, match=r"no hyperparameter\(s\) \['ema_decy'\]"):
         method_params("mean_teacher", {"ema_decy": 0.9})
     with pytest.raises(ConfigError, match=r"method\.mc_passes = 'eight' is not allowed: it must be an integer"):
@@ -96,7 +89,7 @@ def test_unknown_hyperparameters_and_wrong_types_are_refused_with_the_key():
     with pytest.raises(ConfigError, match=r"method\.mc_passes = 2\.5 .*integer"):
         method_params("ua_mean_teacher", {"mc_passes": 2.5})
     with pytest.raises(ConfigError, match="takes MeanTeacherParams"):
-        build_method("mean_teacher", _context(), method_params("supervised", {}))
+        build_method("mean_teacher", tiny_context(num_classes=3), method_params("supervised", {}))
 
 
 def test_a_declaration_that_breaks_its_own_bounds_or_type_fails_where_it_is_written():
