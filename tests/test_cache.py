@@ -11,7 +11,7 @@ import pytest
 
 from semiseg.data import DatasetError, DatasetLayout, load_case, read_layout, write_case, write_dataset_json
 from semiseg.data import cache as cache_module
-from semiseg.data.cache import CachedDataset, build_cache, cache_key, find_cache, stderr_progress
+from semiseg.data.cache import CachedDataset, build_cache, cache_key, find_cache, printed_progress
 from semiseg.data.preprocess import PreprocessSettings, preprocess_case
 from semiseg.data.prepared import prepare_split
 
@@ -158,8 +158,8 @@ def test_bad_case_fails_the_build_naming_every_file(dataset: DatasetLayout, tmp_
     assert _listing(tmp_path / "cache") == []
 
 
-def test_stderr_progress_prints_every_n_cases(capsys: pytest.CaptureFixture[str]) -> None:
-    report = stderr_progress(every=2)
+def test_printed_progress_prints_every_n_cases(capsys: pytest.CaptureFixture[str]) -> None:
+    report = printed_progress(every=2)
     for done in range(1, 6):
         report(done, 5, f"c{done}")
     assert capsys.readouterr().err.splitlines() == [

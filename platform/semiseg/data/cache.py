@@ -253,7 +253,7 @@ def build_cache(
     return CacheInfo(final, key, False, len(manifest["cases"]), manifest["num_rows"])
 
 
-def stderr_progress(every: int = 10, stream: TextIO | None = None) -> Progress:
+def printed_progress(every: int = 10, stream: TextIO | None = None) -> Progress:
     """A progress callback printing one line every ``every`` cases (and at the end).
 
     Args:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from semiseg.data.cache import CachedDataset, absent_label_problem, build_cache, stderr_progress
+from semiseg.data.cache import CachedDataset, absent_label_problem, build_cache, printed_progress
 from semiseg.data.dataset import DatasetLayout
 from semiseg.data.errors import DatasetError
 from semiseg.data.formats import read_dataset
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = read_dataset(args.dataset, args.extra_unlabelled)
         roles = _roles(layout, args)
         info = build_cache(layout, settings, args.cache_root or default_cache_dir() / "prepared",
-                           progress=stderr_progress(args.progress_every))
+                           progress=printed_progress(args.progress_every))
         absent = absent_label_problem(CachedDataset(info.path).manifest)
         if absent is not None and not args.allow_absent_labels:
             raise DatasetError([(absent[0], f"{absent[1]}; fix the label files or dataset.json, or accept "

@@ -18,12 +18,13 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from semiseg.config import DataConfig, parse_shape, parse_spacing
-from semiseg.data.cache import CachedDataset, CacheInfo, build_cache, stderr_progress
+from semiseg.data.cache import CachedDataset, CacheInfo, build_cache, printed_progress
 from semiseg.data.dataset import DatasetLayout
 from semiseg.data.errors import DatasetError
 from semiseg.data.formats import read_dataset
@@ -96,8 +97,10 @@ def prepared_cache_root(data: DataConfig) -> Path:
 
 
 def prepare_cache(data: DataConfig, layout: DatasetLayout) -> CacheInfo:
-    """Build (or reuse) the preprocessed cache of ``layout``, showing progress on stderr."""
-    return build_cache(layout, preprocess_settings(data), prepared_cache_root(data), progress=stderr_progress())
+    """Build (or reuse) the preprocessed cache of ``layout``, printing progress on stdout (a study's
+    stderr holds only what needs attention)."""
+    return build_cache(layout, preprocess_settings(data), prepared_cache_root(data),
+                       progress=printed_progress(stream=sys.stdout))
 
 
 def dataset_handover(data: DataConfig, info: CacheInfo) -> dict[str, str]:
