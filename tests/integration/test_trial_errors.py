@@ -29,6 +29,7 @@ import pytest
 from semiseg.tune import Study, run_study
 from semiseg.tune.presets import SMOKE
 from tests.integration.conftest import REPO, load_study, study_runs
+from tests.integration.test_job_submit import free_ports
 
 pytestmark = pytest.mark.integration
 TINY = {**SMOKE, "data.phantom_shape": "32x32x4", "data.phantom_cases": 12, "data.num_validation": 2,
@@ -135,17 +136,6 @@ def test_a_killed_ddp_worker_is_retried_by_tune_from_the_train_checkpoint(ray_lo
 
 # ------------------------------------------------------------------ a joined cluster that cannot hold a worker
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
 def test_a_joined_cluster_without_a_node_for_one_worker_exits_2(tmp_path):
     """``ray start --head --num-cpus 1`` (hand-started: no autoscaler) and ``--cpus-per-worker 4``.
 
@@ -154,7 +144,7 @@ def test_a_joined_cluster_without_a_node_for_one_worker_exits_2(tmp_path):
     """
     from tests.integration.test_job_submit import base_env, ray_cli, stop_session
 
-    gcs, dashboard, agent, client = _free_ports(4)
+    gcs, dashboard, agent, client = free_ports(4)
     (tmp_path / "home").mkdir()
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))

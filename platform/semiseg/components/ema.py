@@ -15,10 +15,12 @@ import copy
 import torch
 from torch import nn
 
+from semiseg.components.parallel import unwrapped
+
 
 def make_teacher(student: nn.Module) -> nn.Module:
     """Return a frozen deep copy of ``student`` (no gradients, eval mode)."""
-    teacher = copy.deepcopy(_unwrap(student))
+    teacher = copy.deepcopy(unwrapped(student))
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     teacher.eval()
@@ -33,7 +35,7 @@ class EmaUpdater:
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
-        student = _unwrap(student)
+        student = unwrapped(student)
         t_params, s_params = list(teacher.parameters()), list(student.parameters())
         if len(t_params) != len(s_params):
             raise ValueError("teacher and student have different parameter lists")
@@ -61,10 +63,6 @@ class EmaUpdater:
             torch._foreach_lerp_([t for t, _ in self.float_buffers], [s for _, s in self.float_buffers], weight)
         for t, s in self.other_buffers:
             t.copy_(s)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 class EmaTeacher:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from semiseg.augment import AugmentedBatch, AugmentSettings, augment_batch
+from semiseg.components.parallel import unwrapped
 from semiseg.config import NON_NEGATIVE, Bounds, check_value
 from semiseg.losses import supervised_loss
 from semiseg.models import build_model
@@ -274,7 +275,7 @@ class Method:
 
     def state_dict(self) -> dict[str, Any]:
         """Weights of every network and the method's own state."""
-        state = {f"trained.{k}": _unwrap(m).state_dict() for k, m in self.trained.items()}
+        state = {f"trained.{k}": unwrapped(m).state_dict() for k, m in self.trained.items()}
         state.update({f"frozen.{k}": m.state_dict() for k, m in self.frozen.items()})
         state["generator"] = self.generator.get_state()
         state["extra"] = self.extra_state()
@@ -283,7 +284,7 @@ class Method:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         for key, module in self.trained.items():
-            _unwrap(module).load_state_dict(state[f"trained.{key}"])
+            unwrapped(module).load_state_dict(state[f"trained.{key}"])
         for key, module in self.frozen.items():
             module.load_state_dict(state[f"frozen.{key}"])
         self.generator.set_state(state["generator"])
@@ -320,7 +321,3 @@ def augmented_supervised_loss(method: Method, network: nn.Module, images: torch.
     augmented = method.augment_batch({"image_l": images, "label_l": labels})
     return supervised_loss(method.context.supervised_loss, network(augmented.images), augmented.labels)
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(
-        module, nn.parallel.DistributedDataParallel) else module

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from semiseg.components.parallel import unwrapped
 from semiseg.methods import Method
 from semiseg.train.session import Session, TrainSession
 
@@ -102,8 +103,3 @@ def gather_from_ranks(results: list[dict], world_size: int) -> list[dict]:
         dist.all_gather_object(gathered, results)
         return [case for rank_results in gathered for case in rank_results]
     return results
-
-
-def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """The network inside a ``DistributedDataParallel`` wrapper (``module`` itself when unwrapped)."""
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module

@@ -9,13 +9,14 @@ import time
 
 import torch
 
+from semiseg.components.parallel import unwrapped
 from semiseg.config import ExperimentConfig
 from semiseg.data.prepared import EvalCase, PreparedData
 from semiseg.methods import Method
 from semiseg.tracking import METRIC_VAL_DICE
 from semiseg.train.build import patch_size
 from semiseg.train.checkpoint import LoopState
-from semiseg.train.distributed import gather_from_ranks, unwrapped
+from semiseg.train.distributed import gather_from_ranks
 from semiseg.train.evaluate import evaluate_cases, predict_case, summarise_cases
 from semiseg.train.overlay import overlay_png
 from semiseg.train.session import Session
