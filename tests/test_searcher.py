@@ -66,3 +66,22 @@ def test_diverged_and_errored_trials_fail():
     searcher.on_trial_complete("t4", None, error=True)
     assert _trial(searcher, "t3").state == optuna.trial.TrialState.FAIL
     assert _trial(searcher, "t4").state == optuna.trial.TrialState.FAIL
+
+
+def test_a_resumed_searcher_does_not_tell_a_trial_optuna_has_finished():
+    """A driver killed after Optuna's tell but before Tune's snapshot resumes with a searcher that
+    forgot the tell; the trial's later result and completion must not end the study."""
+    import pickle
+
+    searcher = _searcher()
+    searcher.suggest("t5")
+    searcher.on_trial_result("t5", {"val/dice": 0.2, "epoch": 1})
+    snapshot = pickle.dumps(searcher)
+    searcher.on_trial_complete("t5", {"val/dice": 0.7, "epoch": 3})
+    resumed = pickle.loads(snapshot)
+    resumed._ot_study = searcher._ot_study
+    resumed.on_trial_result("t5", {"val/dice": 0.4, "epoch": 2})
+    resumed.on_trial_complete("t5", None, error=True)
+    trial = _trial(resumed, "t5")
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.7
+    assert trial.intermediate_values == {1: 0.2, 3: 0.7}

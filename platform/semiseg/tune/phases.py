@@ -18,6 +18,7 @@ from semiseg.tune.cli import StudyArgs
 from semiseg.tune.configs import Search, baseline_config, config_for_method, public, study_baselines
 from semiseg.tune.failures import NoRetryOfDeterministicErrors
 from semiseg.tune.report import print_errored, progress_reporter, report, summarise
+from semiseg.tune.retention import CheckpointRetention
 from semiseg.tune.results import TrialRow, first_error_line, rows_from_results
 from semiseg.tune.study import Study
 from semiseg.tune.trainables import make_trainable
@@ -79,9 +80,10 @@ class PhaseContext:
         from ray import tune
 
         return tune.RunConfig(name=f"{self.study.name}-{phase}", storage_path=self.ray_storage,
-                              callbacks=[self.callback(phase), NoRetryOfDeterministicErrors(MAX_FAILURES)],
+                              callbacks=[self.callback(phase), NoRetryOfDeterministicErrors(MAX_FAILURES),
+                                         CheckpointRetention(keep=2)],
                               failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-                              checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                              checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                               progress_reporter=progress_reporter(self.study.metric, keys),
                               verbose=1)
 

@@ -18,6 +18,13 @@ from semiseg.tracking import METRIC_DIVERGED, METRIC_EPOCH
 from semiseg.tune.failures import ERROR_KEY
 
 
+def _finished_states() -> tuple:
+    import optuna
+
+    TrialState = optuna.trial.TrialState
+    return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
 class EpochAwareOptunaSearch(OptunaSearch):
     """:class:`OptunaSearch` with epoch steps and honest PRUNED/FAIL states.
 
@@ -35,6 +42,8 @@ class EpochAwareOptunaSearch(OptunaSearch):
         """Report the metric to Optuna at step = epoch, once per epoch."""
         if trial_id in self._completed_trials or self.metric not in result or result.get(ERROR_KEY):
             return
+        if self._told_before(trial_id):
+            return
         epoch = int(result.get(METRIC_EPOCH, 0))
         seen = self._reported_steps.setdefault(trial_id, set())
         if epoch in seen:
@@ -47,6 +56,9 @@ class EpochAwareOptunaSearch(OptunaSearch):
         import optuna
 
         if trial_id in self._completed_trials:
+            return
+        if self._told_before(trial_id):
+            self._completed_trials.add(trial_id)
             return
         trial = self._ot_trials[trial_id]
         if result and self.metric in result:
@@ -61,3 +73,15 @@ class EpochAwareOptunaSearch(OptunaSearch):
         self._ot_study.tell(trial, value, state=state)
         self._completed_trials.add(trial_id)
         self._reported_steps.pop(trial_id, None)
+
+    def _told_before(self, trial_id: str) -> bool:
+        """Whether Optuna's storage already holds a final state for this trial.
+
+        The searcher's own state is saved with Tune's experiment snapshots, the Optuna
+        storage at every tell: a driver killed between the two resumes with a searcher that
+        does not remember telling a trial that Optuna has finished. Telling it again would
+        raise ("Cannot tell a COMPLETE trial") and end the resumed study.
+        """
+        number = self._ot_trials[trial_id].number
+        finished = self._ot_study.get_trials(deepcopy=False, states=_finished_states())
+        return any(trial.number == number for trial in finished)
