@@ -197,6 +197,7 @@ class TrainConfig:
     evaluate_test: bool = True
     foreground_fraction: float = 0.33
     val_overlap: float = 0.5
+    supervised_loss: str = "dice_ce"
 
 
 SETTING_BOUNDS: dict[str, Bounds] = {
@@ -235,9 +236,13 @@ SETTING_BOUNDS: dict[str, Bounds] = {
 Names chosen from registries (models, optimisers, normalisations, ...) are checked by
 :func:`semiseg.train.checks.check_config`, which knows the registries."""
 
+SUPERVISED_LOSSES = ("dice_ce", "dice", "ce", "lovasz", "dice_ce+lovasz")
+"""``train.supervised_loss``: the loss of every method on labelled images (see :func:`semiseg.losses.supervised_loss`)."""
+
 SETTING_CHOICES: dict[str, tuple[Any, ...]] = {
     "data.dims": (2, 3),
     "data.image_order": (1, 3),
+    "train.supervised_loss": SUPERVISED_LOSSES,
 }
 """Settings with a fixed set of values that no registry owns."""
 

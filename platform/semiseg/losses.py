@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPERVISED_LOSSES = ("dice", "ce", "dice_ce")
+from semiseg.components.lovasz import lovasz_softmax
+from semiseg.config import SUPERVISED_LOSSES
+
 CONSISTENCY_LOSSES = ("mse", "bce", "kl", "symmetric_kl")
 
 
@@ -53,7 +55,14 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def supervised_loss(name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Supervised segmentation loss by name: ``dice``, ``ce`` or ``dice_ce`` (their sum).
+    """Supervised segmentation loss by name (``train.supervised_loss``).
+
+    - ``dice_ce``: soft Dice + cross-entropy (nnU-Net's; the default);
+    - ``dice``: soft Dice alone (Perone & Cohen-Adad 2018 train with it);
+    - ``ce``: cross-entropy alone;
+    - ``lovasz``: the Lovász-softmax loss over the classes present (Berman et al. 2018);
+    - ``dice_ce+lovasz``: Dice + CE + Lovász-softmax, the combination of the left-atrium report's
+      "MT + UN + Lovász" row (``shared/papers/la-mri-cps-uamt-lovasz.md``, Table 5).
 
     Raises:
         ValueError: unknown name.
@@ -64,6 +73,11 @@ def supervised_loss(name: str, logits: torch.Tensor, labels: torch.Tensor) -> to
         return cross_entropy_loss(logits, labels)
     if name == "dice_ce":
         return soft_dice_loss(logits, labels) + cross_entropy_loss(logits, labels)
+    if name == "lovasz":
+        return lovasz_softmax(logits.float().softmax(dim=1), labels)
+    if name == "dice_ce+lovasz":
+        return (soft_dice_loss(logits, labels) + cross_entropy_loss(logits, labels)
+                + lovasz_softmax(logits.float().softmax(dim=1), labels))
     raise ValueError(f"unknown supervised loss {name!r}; use one of {SUPERVISED_LOSSES}")
 
 

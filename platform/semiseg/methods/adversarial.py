@@ -17,8 +17,9 @@ Which network each loss trains: the ``main`` objective trains the segmenter only
 gradient flows *through* the discriminator, but the loop back-propagates each objective
 into its own optimiser group: ``backward(inputs=segmenter params)``); the
 ``discriminator`` objective trains the discriminator only (segmenter outputs detached).
-Both groups use the run's one learning rate (the paper's separate EN rate is not
-expressible).
+The discriminator has its own learning rate ``disc_lr`` (the reference code's 1e-4,
+Adam-like optimisers) through :meth:`group_learning_rates`; the segmenter uses
+``optim.lr``; both follow the run's schedule.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Mapping
 import torch
 
 from semiseg.components.discriminator import Discriminator, discriminator_loss, fooling_loss
-from semiseg.config import AT_LEAST_ONE, NON_NEGATIVE, Bounds
+from semiseg.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bounds
 from semiseg.losses import supervised_loss
 from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
 from semiseg.methods.registry import register_method
@@ -45,6 +46,8 @@ class AdversarialParams(MethodParams):
                              help="channels of the discriminator's first convolution (not from the paper)")
     disc_depth: int = hparam(3, bounds=Bounds(1.0, 8.0),
                              help="stride-2 convolutions of the discriminator (not from the paper)")
+    disc_lr: float = hparam(1e-4, low=1e-5, high=1e-3, log=True, bounds=POSITIVE,
+                            help="learning rate of the discriminator's own optimiser (reference code: 1e-4)")
 
 
 @register_method
@@ -69,6 +72,10 @@ class Adversarial(Method):
         """``main``: the segmenter's parameters; ``discriminator``: the discriminator's."""
         return {"main": list(self.trained["student"].parameters()),
                 "discriminator": list(self.trained["discriminator"].parameters())}
+
+    def group_learning_rates(self) -> dict[str, float]:
+        """The discriminator trains at ``disc_lr``."""
+        return {"discriminator": self.params.disc_lr}
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised + ramped adversarial loss for the segmenter; BCE for the discriminator."""

@@ -201,6 +201,12 @@ class Method:
         """Named parameter groups, one optimiser each; ``main`` trains the segmenter."""
         return {"main": [p for m in self.trained.values() for p in m.parameters()]}
 
+    def group_learning_rates(self) -> dict[str, float]:
+        """Absolute learning rates of optimiser groups that do not use ``optim.lr`` (e.g. a discriminator's
+        own rate, ADVENT's and Hung et al.'s 1e-4); groups not named here use ``optim.lr``. Both follow
+        the run's learning-rate schedule."""
+        return {}
+
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Return the losses of one step on ``batch`` (keys ``image_l``, ``label_l``, ``image_u``)."""
         raise NotImplementedError

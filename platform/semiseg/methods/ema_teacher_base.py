@@ -10,29 +10,61 @@ defaults are in their own docstrings.
   (:class:`semiseg.components.ema.EmaTeacher`, ``self.frozen``), updated after every
   optimiser step with the method's decay schedule, reset to the student when the
   semi-supervised stage starts after pretraining, and the network evaluated.
+- ``teacher_mode``: ``eval`` (dropout off, BatchNorm running statistics: the teacher
+  Perone & Cohen-Adad describe) or ``train`` (the reference codes' ``ema_model.train()``:
+  dropout on and BatchNorm normalising with the batch's statistics). Both change the
+  targets, so it is a hyperparameter. In ``train`` mode the teacher's BatchNorm momentum is
+  0: its running statistics stay the EMA of the student's (a forward pass would otherwise
+  move them by each rank's own batch, and ranks would drift apart under DDP).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from semiseg.components.ema import EmaTeacher
-from semiseg.methods.base import BuildContext, Method, MethodParams, Progress
+from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, hparam
+
+TEACHER_MODES = ("eval", "train")
+
+
+@dataclass(frozen=True)
+class EmaTeacherParams(MethodParams):
+    """What every EMA-teacher method declares besides its own hyperparameters."""
+
+    teacher_mode: str = hparam("eval", choices=TEACHER_MODES,
+                               help="teacher passes in eval mode (dropout off, BatchNorm running statistics) or "
+                                    "in train mode as the reference codes run them (dropout on, batch statistics)")
 
 
 class EmaTeacherMethod(Method):
     """A student trained by the method's losses and its EMA teacher, which is the network evaluated.
 
-    ``params`` must have ``ema_decay``; a method with a decay schedule overrides
-    :meth:`ema_schedule`.
+    ``params`` must extend :class:`EmaTeacherParams` and have ``ema_decay``; a method with a
+    decay schedule overrides :meth:`ema_schedule`.
     """
 
-    def __init__(self, context: BuildContext, params: MethodParams) -> None:
+    params: EmaTeacherParams
+
+    def __init__(self, context: BuildContext, params: EmaTeacherParams) -> None:
         super().__init__(context, params)
         student = context.build_network()
         self.trained["student"] = student
         self.teacher = EmaTeacher(student, *self.ema_schedule())
         self.frozen["teacher"] = self.teacher.module
+        if params.teacher_mode == "train":
+            for module in self.teacher.module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = 0.0
+
+    def train(self) -> None:
+        """The student in training mode; the teacher in the mode ``teacher_mode`` names."""
+        super().train()
+        if self.params.teacher_mode == "train":
+            self.frozen["teacher"].train()
 
     def ema_schedule(self) -> tuple[float, float, float]:
         """``(decay, late_decay, switch_epoch)`` of the teacher; by default ``ema_decay`` throughout."""

@@ -35,13 +35,13 @@ import torch
 from semiseg.augment import valid_mask, warp
 from semiseg.config import FRACTION, NON_NEGATIVE, UNIT_OPEN
 from semiseg.losses import consistency_loss, supervised_loss
-from semiseg.methods.base import MethodParams, Progress, StepOutput, hparam
-from semiseg.methods.ema_teacher_base import EmaTeacherMethod
+from semiseg.methods.base import Progress, StepOutput, hparam
+from semiseg.methods.ema_teacher_base import EmaTeacherMethod, EmaTeacherParams
 from semiseg.methods.registry import register_method
 
 
 @dataclass(frozen=True)
-class MeanTeacherParams(MethodParams):
+class MeanTeacherParams(EmaTeacherParams):
     """Hyperparameters of the mean teacher (defaults and ranges: see the module docstring)."""
 
     ema_decay: float = hparam(0.95, low=0.9, high=0.9999, complement=True, bounds=UNIT_OPEN,

@@ -41,8 +41,8 @@ from semiseg.components.uncertainty import (certainty_mask, clamped_noise, maske
                                             predictive_entropy, uncertainty_threshold)
 from semiseg.config import NON_NEGATIVE, UNIT_OPEN, Bounds
 from semiseg.losses import supervised_loss
-from semiseg.methods.base import MethodParams, Progress, StepOutput, hparam
-from semiseg.methods.ema_teacher_base import EmaTeacherMethod
+from semiseg.methods.base import Progress, StepOutput, hparam
+from semiseg.methods.ema_teacher_base import EmaTeacherMethod, EmaTeacherParams
 from semiseg.methods.registry import register_method
 from semiseg.schedules import rampup
 
@@ -50,7 +50,7 @@ CONSISTENCY_TARGETS = ("unlabelled", "all")
 
 
 @dataclass(frozen=True)
-class UaMeanTeacherParams(MethodParams):
+class UaMeanTeacherParams(EmaTeacherParams):
     """Hyperparameters of the uncertainty-aware mean teacher (defaults: the reference code)."""
 
     ema_decay: float = hparam(0.95, low=0.9, high=0.9999, complement=True, bounds=UNIT_OPEN,

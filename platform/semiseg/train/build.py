@@ -24,7 +24,7 @@ def prepare_data(cfg: ExperimentConfig, handover: Mapping[str, Any] | None = Non
 
 def build_context(cfg: ExperimentConfig, data: PreparedData, device: torch.device) -> BuildContext:
     """What the method builds its networks with: the data's shape, ``model.*``, the augmentation
-    ranges (``train.augment_*``, at the labelled cases' spacing), the ramp-up and the seed."""
+    ranges (``train.augment_*``, at the labelled cases' spacing), the ramp-up, the supervised loss and the seed."""
     augment = AugmentSettings(rotation_deg=cfg.train.augment_rotation_deg, scale=cfg.train.augment_scale,
                               shift=cfg.train.augment_shift, noise_std=cfg.train.augment_noise_std,
                               intensity=cfg.train.augment_intensity, spacing=data.training_spacing)
@@ -32,7 +32,8 @@ def build_context(cfg: ExperimentConfig, data: PreparedData, device: torch.devic
                         model={"name": cfg.model.name, "depth": cfg.model.depth, "width": cfg.model.width,
                                "dropout": cfg.model.dropout, "norm": cfg.model.norm},
                         augment=augment, rampup_epochs=cfg.schedule.rampup_epochs,
-                        rampup_shape=cfg.schedule.rampup_shape, seed=cfg.train.seed, device=str(device))
+                        rampup_shape=cfg.schedule.rampup_shape, supervised_loss=cfg.train.supervised_loss,
+                        seed=cfg.train.seed, device=str(device))
 
 
 def batch_sampler(cfg: ExperimentConfig, data: PreparedData, method: Method, rank: int,

@@ -36,10 +36,13 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
 
 def build_optimizers(method: Method, cfg: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
     """One optimiser (``optim.*``) per parameter group of the method, each group's ``base_lr`` recorded
-    for :func:`set_learning_rate`."""
+    for :func:`set_learning_rate`: ``optim.lr``, or the group's own rate from
+    :meth:`~semiseg.methods.Method.group_learning_rates` (a discriminator's)."""
     optimizers = {}
+    own_rates = method.group_learning_rates()
     for group, params in method.optimizer_groups().items():
-        optimizers[group] = build_optimizer(cfg.optim.name, params, cfg.optim.lr, cfg.optim.weight_decay)
+        lr = own_rates.get(group, cfg.optim.lr)
+        optimizers[group] = build_optimizer(cfg.optim.name, params, lr, cfg.optim.weight_decay)
         for param_group in optimizers[group].param_groups:
             param_group["base_lr"] = param_group["lr"]
     return optimizers
