@@ -3,9 +3,10 @@
 No search: each method runs at its papers' defaults for each labelled budget, with the
 same seeds; validation and test cases do not depend on the budget (the split carves them
 first), so the curves compare like with like. The final table is grouped by
-``data.num_labelled``.
+``data.num_labelled``. ``--methods`` replaces the four methods by any registered ones.
 
     python studies/label_efficiency.py --smoke
+    python studies/label_efficiency.py --methods supervised,pi_model,temporal_ensembling
 """
 
 from semiseg.tune import Study, run_study
@@ -18,14 +19,14 @@ STUDY = Study(
     name="label_efficiency",
     description="Dice against the number of labelled cases, per method",
     base={"train.max_epochs": 30},
-    baselines=tuple({"method.name": method, "data.num_labelled": budget}
-                    for budget in BUDGETS for method in METHODS),
+    baseline_methods=METHODS,
+    baseline_variants=tuple({"data.num_labelled": budget} for budget in BUDGETS),
     group_by=("data.num_labelled",),
     final_seeds=2,
     smoke={**SMOKE, "train.max_epochs": 2},
     smoke_final_seeds=1,
-    smoke_baselines=tuple({"method.name": method, "data.num_labelled": budget}
-                          for budget in (1, 2) for method in METHODS[:2]),
+    smoke_baseline_methods=METHODS[:2],
+    smoke_baseline_variants=({"data.num_labelled": 1}, {"data.num_labelled": 2}),
 )
 
 

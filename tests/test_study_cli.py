@@ -199,3 +199,33 @@ def test_a_tracking_uri_mlflow_cannot_use_exits_2_before_ray_starts(tmp_path, ur
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "s3cret" not in result.stdout + result.stderr and "alice:***@" in result.stderr
     assert not (tmp_path / "runs").exists(), "nothing ran: no state, no Ray storage"
+
+
+
+def test_a_baseline_grid_runs_each_method_at_each_variant_and_methods_replaces_its_methods():
+    from semiseg.tune import Study
+    from semiseg.tune.configs import study_baselines
+
+    study = Study(name="grid", description="", baselines=({"method.name": "supervised", "train.seed": 9},),
+                  baseline_methods=("supervised", "mean_teacher"),
+                  baseline_variants=({"data.num_labelled": 2}, {"data.num_labelled": 4}),
+                  smoke_baseline_variants=({"data.num_labelled": 1},))
+    full = study_baselines(study, parse_args("x", "y", []))
+    assert full == ({"method.name": "supervised", "train.seed": 9},
+                    {"method.name": "supervised", "data.num_labelled": 2},
+                    {"method.name": "mean_teacher", "data.num_labelled": 2},
+                    {"method.name": "supervised", "data.num_labelled": 4},
+                    {"method.name": "mean_teacher", "data.num_labelled": 4})
+    smoke = study_baselines(study, parse_args("x", "y", ["--smoke"]))
+    assert [b.get("data.num_labelled") for b in smoke] == [None, 1, 1]
+    chosen = study.restricted_to(("pi_model", "temporal_ensembling"))
+    assert [b["method.name"] for b in study_baselines(chosen, parse_args("x", "y", []))][1:] == \
+        ["pi_model", "temporal_ensembling"] * 2
+
+
+def test_label_efficiency_accepts_methods_it_does_not_list(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "studies" / "label_efficiency.py"), "--storage-path",
+                             str(tmp_path / "runs"), "--methods", "supervised,pi_mdl"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pi_mdl" in result.stderr and "Traceback" not in result.stderr

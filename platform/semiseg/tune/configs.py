@@ -54,10 +54,16 @@ def budget(study: Study, args: StudyArgs) -> tuple[int, int]:
 
 
 def study_baselines(study: Study, args: StudyArgs) -> tuple[dict[str, Any], ...]:
-    """The study's baselines (its smoke baselines with ``--smoke``, when it has them)."""
-    if args.smoke and study.smoke_baselines is not None:
-        return tuple(dict(b) for b in study.smoke_baselines)
-    return tuple(dict(b) for b in study.baselines)
+    """The study's baselines (its smoke baselines with ``--smoke``, when it has them), then its grid:
+    each of ``baseline_methods`` with each of ``baseline_variants``, variant by variant."""
+    smoke = args.smoke
+    fixed = study.smoke_baselines if smoke and study.smoke_baselines is not None else study.baselines
+    methods = study.smoke_baseline_methods if smoke and study.smoke_baseline_methods is not None \
+        else study.baseline_methods
+    variants = study.smoke_baseline_variants if smoke and study.smoke_baseline_variants is not None \
+        else study.baseline_variants
+    grid = [{"method.name": method, **variant} for variant in (variants or ({},)) for method in methods]
+    return tuple(dict(b) for b in fixed) + tuple(grid)
 
 
 def baseline_config(base: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +75,8 @@ def baseline_config(base: dict[str, Any], baseline: dict[str, Any]) -> dict[str,
 def study_methods(study: Study, base: dict[str, Any]) -> list[str]:
     """The methods a study trains (for the MLflow tags): its searched ones, else the base's, and its baselines'."""
     methods = list(study.methods) or [str(base["method.name"])]
-    return methods + [str(b.get("method.name", base["method.name"])) for b in study.baselines]
+    return (methods + [str(b.get("method.name", base["method.name"])) for b in study.baselines]
+            + list(study.baseline_methods))
 
 
 def searches(study: Study, base: dict[str, Any], ranges: dict[str, tuple[float, float]] | None = None

@@ -31,6 +31,10 @@ class Study:
             in every search that names it (``--range`` on the command line overrides it).
         baselines: fixed overrides (e.g. the supervised model on the same labelled cases),
             run in the final phase with the same seeds as the searched winners.
+        baseline_methods: methods run at their defaults in the final phase, each with every
+            one of ``baseline_variants`` (a grid of baselines, e.g. every method at every
+            labelled budget); ``--methods`` replaces them with any registered methods.
+        baseline_variants: overrides each of ``baseline_methods`` runs with (none: once each).
         final_seeds: seeds of the final phase; the top ``final_top_k`` configurations of each
             search are re-run with each seed next to the baselines (0: only the baselines,
             once), so results are reported as mean (std), not as one lucky trial. The seeds
@@ -50,6 +54,8 @@ class Study:
         smoke_num_samples: searched trials with ``--smoke``.
         smoke_final_seeds: final seeds with ``--smoke``.
         smoke_baselines: baselines with ``--smoke`` (default: ``baselines``).
+        smoke_baseline_methods, smoke_baseline_variants: the grid with ``--smoke`` (default: the
+            study's).
     """
 
     name: str
@@ -59,6 +65,8 @@ class Study:
     methods: Mapping[str, Sequence[str]] = field(default_factory=dict)
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     baselines: tuple[Mapping[str, Any], ...] = ()
+    baseline_methods: tuple[str, ...] = ()
+    baseline_variants: tuple[Mapping[str, Any], ...] = ()
     final_seeds: int = 0
     final_top_k: int = 1
     group_by: tuple[str, ...] = ()
@@ -73,9 +81,13 @@ class Study:
     smoke_num_samples: int = 2
     smoke_final_seeds: int = 1
     smoke_baselines: tuple[Mapping[str, Any], ...] | None = None
+    smoke_baseline_methods: tuple[str, ...] | None = None
+    smoke_baseline_variants: tuple[Mapping[str, Any], ...] | None = None
 
     def restricted_to(self, names: Sequence[str]) -> "Study":
-        """This study with only the methods ``names`` (its baselines kept).
+        """This study with only the methods ``names`` (its baselines kept); for a study whose
+        baselines are a grid (``baseline_methods``), the grid's methods become ``names``, which
+        may be any registered methods (names are checked with the configurations, before Ray).
 
         Raises:
             ConfigError: a name that is not one of the study's methods, or a study that
@@ -83,6 +95,10 @@ class Study:
         """
         if not names:
             return self
+        if not self.methods and self.baseline_methods:
+            chosen = tuple(names)
+            return replace(self, baseline_methods=chosen,
+                           smoke_baseline_methods=None if self.smoke_baseline_methods is None else chosen)
         if not self.methods:
             raise ConfigError(f"--methods: study {self.name!r} has no method table to choose from")
         unknown = [name for name in names if name not in self.methods]
