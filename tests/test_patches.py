@@ -137,3 +137,19 @@ def test_sampler_is_reproducible_and_validates_its_inputs():
         PatchSampler(list(volumes), None, (4, 4, 4)).sample(2, np.random.default_rng(0), 1.5)
     with pytest.raises(ValueError, match=r"\[N, C, X, Y, Z\]"):
         sample_patches(volumes[0], None, (4, 4, 4), 1, np.random.default_rng(0))
+
+
+def test_draw_names_each_patch_volume_origin_and_centre_position():
+    volumes = [_unique_volumes(n=1, channels=1, shape=(10, 9, 12))[0], _unique_volumes(n=1, channels=1,
+                                                                                       shape=(10, 9, 2))[0] + 1e6]
+    sampler = PatchSampler(volumes, None, (4, 5, 6))
+    drawn = sampler.draw(30, np.random.default_rng(2), 0.0)
+    again = sampler.sample(30, np.random.default_rng(2), 0.0)[0]
+    np.testing.assert_array_equal(drawn.images, again)
+    assert drawn.origins.dtype == np.int64 and drawn.origins.shape == (30, 3) and set(drawn.volumes) == {0, 1}
+    for image, volume, (x, y, z), position in zip(drawn.images, drawn.volumes, drawn.origins, drawn.positions):
+        np.testing.assert_array_equal(image, sampler.volumes[volume][:, x:x + 4, y:y + 5, z:z + 6])
+        if volume == 0:
+            assert position == pytest.approx((z + 2.5) / 11)
+        else:
+            assert z == 0 and position == pytest.approx(0.5), "2 slices padded to 6: the centre is between them"

@@ -21,7 +21,9 @@ def _batch(dims: int) -> dict[str, torch.Tensor]:
     image_l = labels[:, None].float() + 0.3 * torch.randn((2, 1, *spatial), generator=gen)
     image_u = (torch.rand((2, 1, *spatial), generator=gen) > 0.5).float() + 0.3 * torch.randn((2, 1, *spatial),
                                                                                              generator=gen)
-    return {"image_l": image_l, "label_l": labels, "image_u": image_u}
+    return {"image_l": image_l, "label_l": labels, "image_u": image_u,
+            "index_l": torch.arange(2), "index_u": torch.arange(2),
+            "position_l": torch.tensor([0.1, 0.9]), "position_u": torch.tensor([0.1, 0.6])}
 
 
 def _progress(stage: str = "semi") -> Progress:
@@ -43,11 +45,13 @@ def _build(name: str, dims: int, tiny_context):
 
 
 def _step(method, batch):
+    """The method's second step, one epoch after its first (temporal ensembling's targets come from past epochs)."""
     method.train()
     progress = _semi_progress(method)
-    if progress.stage == "pretrain":
-        return method.pretrain_step(batch, progress)
-    return method.training_step(batch, progress)
+    step = method.pretrain_step if progress.stage == "pretrain" else method.training_step
+    step(batch, progress)
+    method.end_epoch(2, {})
+    return step(batch, progress)
 
 
 @pytest.mark.parametrize("name,dims", CASES)

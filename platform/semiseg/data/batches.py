@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from semiseg.data.patches import PatchSampler
+from semiseg.data.patches import PatchDraw, PatchSampler
 from semiseg.data.stream import StreamSpec
 
 
@@ -32,6 +32,20 @@ class MixedBatchSampler:
     of the labelled ones centred on foreground (nnU-Net's oversampling). With
     ``unlabelled_stream`` the unlabelled samples come from this rank's
     :class:`semiseg.data.stream.StreamedPool` instead of ``unlabelled_images``.
+
+    Every batch names its samples, for methods that keep per-sample state (temporal
+    ensembling) or compare samples by where they lie (Chaitanya et al.'s domain-specific
+    contrastive strategy); methods that do not need them ignore these keys:
+
+    - ``index_l`` / ``index_u``: int64 ``[L]`` / ``[U]``, each sample's index in the whole
+      labelled / unlabelled pool (``labelled_images`` / ``unlabelled_images``, the same on every
+      rank; for a streamed pool see :class:`semiseg.data.stream.StreamDraw`);
+    - ``position_l`` / ``position_u``: float32, the sample's relative position in its volume:
+      ``labelled_positions`` / ``unlabelled_positions`` for whole samples (zeros when None; see
+      :class:`semiseg.data.prepared.PreparedData`), the patch centre's along the last spatial
+      axis for 3D patches;
+    - with ``patch_size`` also ``origin_l`` / ``origin_u``: int64 ``[n, 3]``, each patch's first
+      voxel in its volume (see :class:`semiseg.data.patches.PatchDraw`).
     """
 
     labelled_images: np.ndarray
@@ -45,6 +59,8 @@ class MixedBatchSampler:
     patch_size: tuple[int, int, int] | None = None
     foreground_fraction: float = 0.33
     unlabelled_stream: StreamSpec | None = None
+    labelled_positions: np.ndarray | None = None
+    unlabelled_positions: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.labelled_images) == 0:
@@ -59,6 +75,8 @@ class MixedBatchSampler:
             self._patches_u = (PatchSampler([self.unlabelled_images[i] for i in self._unlabelled], None,
                                             self.patch_size) if len(self._unlabelled) else None)
             return
+        self._positions_l = _positions(self.labelled_positions, len(self.labelled_images))
+        self._positions_u = _positions(self.unlabelled_positions, len(self.unlabelled_images))
         self._labelled_t = torch.from_numpy(self.labelled_images)
         self._labels_t = torch.from_numpy(self.labelled_labels)
         self._unlabelled_t = torch.from_numpy(self.unlabelled_images)
@@ -74,23 +92,50 @@ class MixedBatchSampler:
             yield {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
     def _sample_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        idx_l = torch.from_numpy(rng.choice(self._labelled, self.labelled_per_batch))
-        batch = {"image_l": self._labelled_t[idx_l], "label_l": self._labels_t[idx_l]}
+        idx_l = rng.choice(self._labelled, self.labelled_per_batch)
+        batch = {"image_l": self._labelled_t[idx_l], "label_l": self._labels_t[idx_l],
+                 "index_l": torch.from_numpy(idx_l.astype(np.int64)),
+                 "position_l": torch.from_numpy(self._positions_l[idx_l])}
         if self._pool is not None:
-            batch["image_u"] = torch.from_numpy(self._pool.draw(self.unlabelled_per_batch))
+            drawn = self._pool.draw_named(self.unlabelled_per_batch)
+            batch.update(image_u=torch.from_numpy(drawn.images), index_u=torch.from_numpy(drawn.indices),
+                         position_u=torch.from_numpy(drawn.positions))
         elif self.unlabelled_per_batch > 0 and len(self._unlabelled) > 0:
-            idx_u = torch.from_numpy(rng.choice(self._unlabelled, self.unlabelled_per_batch))
-            batch["image_u"] = self._unlabelled_t[idx_u]
+            idx_u = rng.choice(self._unlabelled, self.unlabelled_per_batch)
+            batch.update(image_u=self._unlabelled_t[idx_u], index_u=torch.from_numpy(idx_u.astype(np.int64)),
+                         position_u=torch.from_numpy(self._positions_u[idx_u]))
         return batch
 
     def _patch_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        images, labels = self._patches_l.sample(self.labelled_per_batch, rng, self.foreground_fraction)
-        batch = {"image_l": torch.from_numpy(images), "label_l": torch.from_numpy(labels).long()}
+        drawn = self._patches_l.draw(self.labelled_per_batch, rng, self.foreground_fraction)
+        batch = {"image_l": torch.from_numpy(drawn.images), "label_l": torch.from_numpy(drawn.labels).long(),
+                 **_named(drawn, self._labelled, "l")}
         if self._pool is not None:
-            volumes = self._pool.draw(self.unlabelled_per_batch)
-            images_u, _ = PatchSampler(list(volumes), None, self.patch_size).sample(len(volumes), rng, 0.0)
-            batch["image_u"] = torch.from_numpy(images_u)
+            volumes = self._pool.draw_named(self.unlabelled_per_batch)
+            drawn_u = PatchSampler(list(volumes.images), None, self.patch_size).draw(len(volumes.images), rng, 0.0)
+            batch.update(image_u=torch.from_numpy(drawn_u.images), **_named(drawn_u, volumes.indices, "u"))
         elif self.unlabelled_per_batch > 0 and self._patches_u is not None:
-            images_u, _ = self._patches_u.sample(self.unlabelled_per_batch, rng, 0.0)
-            batch["image_u"] = torch.from_numpy(images_u)
+            drawn_u = self._patches_u.draw(self.unlabelled_per_batch, rng, 0.0)
+            batch.update(image_u=torch.from_numpy(drawn_u.images), **_named(drawn_u, self._unlabelled, "u"))
         return batch
+
+
+def _positions(positions: np.ndarray | None, count: int) -> np.ndarray:
+    """Per-sample relative positions as float32 ``[count]`` (zeros when None).
+
+    Raises:
+        ValueError: ``positions`` does not have one entry per sample.
+    """
+    if positions is None:
+        return np.zeros(count, np.float32)
+    positions = np.asarray(positions, np.float32).reshape(-1)
+    if len(positions) != count:
+        raise ValueError(f"{len(positions)} positions for {count} samples")
+    return positions
+
+
+def _named(drawn: PatchDraw, pool_indices: np.ndarray, part: str) -> dict[str, torch.Tensor]:
+    """``index_<part>``, ``origin_<part>`` and ``position_<part>`` of patches whose volumes are
+    ``pool_indices[drawn.volumes]`` in the whole pool."""
+    return {f"index_{part}": torch.from_numpy(np.asarray(pool_indices, np.int64)[drawn.volumes]),
+            f"origin_{part}": torch.from_numpy(drawn.origins), f"position_{part}": torch.from_numpy(drawn.positions)}

@@ -12,11 +12,35 @@ uniform random crops. Volumes smaller than the patch along an axis are zero-padd
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 Window = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class PatchDraw:
+    """Patches drawn by :meth:`PatchSampler.draw` and where each one comes from.
+
+    Attributes:
+        images: ``[count, C, *patch_size]``.
+        labels: ``[count, *patch_size]``, or None without labels.
+        volumes: ``[count]`` int64, the index of each patch's volume in the sampler's list.
+        origins: ``[count, 3]`` int64, each patch's first voxel in its (padded) volume: the
+            volume's own coordinates, shifted by the padding only along an axis where the
+            volume is smaller than the patch.
+        positions: ``[count]`` float32, the relative position of each patch's centre along
+            the last spatial axis of its volume before padding: 0 at the first voxel, 1 at the
+            last (clipped to ``[0, 1]``; 0 for a single-voxel axis).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    volumes: np.ndarray
+    origins: np.ndarray
+    positions: np.ndarray
 
 
 class PatchSampler:
@@ -36,6 +60,8 @@ class PatchSampler:
                  patch_size: Sequence[int]) -> None:
         self.patch_size = _check_patch(patch_size)
         _check_volumes(volumes, labels)
+        self._depth_and_padding = [(volume.shape[-1], max(self.patch_size[2] - volume.shape[-1], 0) // 2)
+                                   for volume in volumes]
         self.volumes = [_pad(volume, self.patch_size, 0) for volume in volumes]
         self.labels = None if labels is None else [_pad(label, self.patch_size, 0) for label in labels]
         self._foreground = None if self.labels is None else [_foreground_index(label) for label in self.labels]
@@ -62,15 +88,40 @@ class PatchSampler:
         Raises:
             ValueError: ``count < 0`` or ``foreground_fraction`` outside ``[0, 1]``.
         """
+        drawn = self.draw(count, rng, foreground_fraction)
+        return drawn.images, drawn.labels
+
+    def draw(self, count: int, rng: np.random.Generator, foreground_fraction: float = 0.33) -> PatchDraw:
+        """:meth:`sample` (the same random draws), with each patch's volume, origin and relative position.
+
+        Args:
+            count, rng, foreground_fraction: as for :meth:`sample`.
+
+        Returns:
+            The patches and where they come from (:class:`PatchDraw`).
+
+        Raises:
+            ValueError: as :meth:`sample`.
+        """
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
         picks = [self._draw(rng, foreground_fraction) for _ in range(count)]
         images = self._stack([self.volumes[i][(slice(None), *w)] for i, w in picks], self.volumes[0])
-        if self.labels is None:
-            return images, None
-        return images, self._stack([self.labels[i][w] for i, w in picks], self.labels[0])
+        labels = None if self.labels is None else self._stack([self.labels[i][w] for i, w in picks], self.labels[0])
+        origins = np.asarray([[w.start for w in window] for _, window in picks], np.int64).reshape(count, 3)
+        return PatchDraw(images, labels, np.asarray([i for i, _ in picks], np.int64), origins,
+                         np.asarray([self._relative_centre(i, window[2].start) for i, window in picks], np.float32))
+
+    def _relative_centre(self, index: int, start: int) -> float:
+        """Relative position along the last axis, in the unpadded volume ``index``, of the centre of a patch
+        starting at ``start`` (padded coordinates)."""
+        depth, padding = self._depth_and_padding[index]
+        if depth <= 1:
+            return 0.0
+        centre = start + (self.patch_size[2] - 1) / 2.0 - padding
+        return float(min(max(centre / (depth - 1), 0.0), 1.0))
 
     def _draw(self, rng: np.random.Generator, foreground_fraction: float) -> tuple[int, Window]:
         index = int(rng.integers(len(self.volumes)))

@@ -63,6 +63,11 @@ class PreparedData:
             ``data.target_spacing`` is set; otherwise cases keep their own spacing and this
             is the per-axis median of theirs (the training samples are on their grids). The
             augmentation rotates in millimetres with it.
+        labelled_positions, unlabelled_positions: ``[N]`` and ``[M]`` float32, where each training
+            sample lies in its volume: a 2D slice's relative position along the slicing axis
+            (``slice_index / (slices - 1)``, 0 for a single slice; Chaitanya et al.'s partitions
+            of a volume), 0.5 for a 3D volume (its centre). None (the default) reads as zeros;
+            :meth:`positions` fills it in. The streamed pool names its rows' positions itself.
     """
 
     labelled_images: np.ndarray
@@ -75,6 +80,19 @@ class PreparedData:
     split: Split
     unlabelled_stream: StreamSpec | None = None
     training_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    labelled_positions: np.ndarray | None = None
+    unlabelled_positions: np.ndarray | None = None
+
+    def positions(self, role: str) -> np.ndarray:
+        """``labelled_positions`` or ``unlabelled_positions`` (``role`` ``labelled``/``unlabelled``), zeros when unset.
+
+        Raises:
+            ValueError: an unknown role.
+        """
+        if role not in ("labelled", "unlabelled"):
+            raise ValueError(f"role must be 'labelled' or 'unlabelled', got {role!r}")
+        stored = getattr(self, f"{role}_positions")
+        return np.zeros(len(getattr(self, f"{role}_images")), np.float32) if stored is None else stored
 
     @property
     def num_unlabelled(self) -> int:
@@ -107,6 +125,22 @@ def normalise_image(image: np.ndarray) -> np.ndarray:
 def to_slices(volume: np.ndarray) -> np.ndarray:
     """``[C, X, Y, Z]`` → ``[Z, C, X, Y]`` (or ``[X, Y, Z]`` → ``[Z, X, Y]``)."""
     return np.ascontiguousarray(np.moveaxis(volume, -1, 0))
+
+
+def sample_positions(volumes: Sequence[np.ndarray], dims: int) -> np.ndarray:
+    """Relative position of every training sample :func:`_training_samples` makes of ``volumes``.
+
+    Args:
+        volumes: ``[C, X, Y, Z]`` (or ``[X, Y, Z]``) arrays, in the order their samples are stacked.
+        dims: 2 (one sample per slice along the last axis) or 3 (one per volume).
+
+    Returns:
+        ``[samples]`` float32: ``z / (Z - 1)`` for slice ``z`` of ``Z`` (0 when ``Z`` is 1); 0.5 per volume.
+    """
+    if dims == 3:
+        return np.full(len(volumes), 0.5, np.float32)
+    parts = [np.arange(v.shape[-1]) / (v.shape[-1] - 1) if v.shape[-1] > 1 else np.zeros(1) for v in volumes]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
 def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: int, num_test: int,
@@ -215,7 +249,9 @@ def _loaded_split(load: Callable[[Sequence[str]], list[PreprocessedCase]], split
                   for role in ("validation", "test")}
     return PreparedData(images[:len(labels_l)], labels_l, images[len(labels_l):], evaluation["validation"],
                         evaluation["test"], class_ids, in_channels, split,
-                        training_spacing=median_spacing(labelled))
+                        training_spacing=median_spacing(labelled),
+                        labelled_positions=sample_positions([c.image for c in labelled], dims),
+                        unlabelled_positions=sample_positions([c.image for c in unlabelled], dims))
 
 
 def _streamed_split(split: Split, dims: int, dataset: CachedDataset, buffer_rows: int) -> PreparedData:
@@ -230,7 +266,8 @@ def _streamed_split(split: Split, dims: int, dataset: CachedDataset, buffer_rows
     stream = StreamSpec(dataset.path, tuple(split.unlabelled), sample_shape, buffer_rows)
     return PreparedData(images, labels.astype(np.int64), empty, LazyCases(dataset, split.validation, _eval_case),
                         LazyCases(dataset, split.test, _eval_case), dataset.class_ids, dataset.num_channels,
-                        split, unlabelled_stream=stream, training_spacing=median_spacing(labelled))
+                        split, unlabelled_stream=stream, training_spacing=median_spacing(labelled),
+                        labelled_positions=sample_positions([c.image for c in labelled], dims))
 
 
 def median_spacing(cases: Sequence[PreprocessedCase]) -> tuple[float, float, float]:

@@ -27,6 +27,24 @@ from semiseg.data.padding import channel_minimum, pad_centred
 
 
 @dataclass(frozen=True)
+class StreamDraw:
+    """Samples drawn by :meth:`StreamedPool.draw_named` and which rows they are.
+
+    Attributes:
+        images: ``[count, C, *sample_shape]`` float32.
+        indices: ``[count]`` int64, each row's index in the whole unlabelled pool: the rows of
+            the pool's cases in the split's order, slices in order, which is the index of the same
+            sample in the in-memory ``PreparedData.unlabelled_images``.
+        positions: ``[count]`` float32, a slice's relative position along the slicing axis
+            (``slice_index / (slices - 1)``, 0 for a single slice); 0.5 for a volume row.
+    """
+
+    images: np.ndarray
+    indices: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     """Where a split's unlabelled samples stream from: the cache, the cases, the padded shape."""
 
@@ -68,7 +86,9 @@ class StreamedPool:
         self.rank, self.world_size = rank, world_size
         self.buffer_rows = buffer_rows
         self.seed = seed
-        self._buffer: list[np.ndarray] = []
+        rows_per_case = [int(self.dataset.case_entry(cid)["rows"]) for cid in self.case_ids]
+        self._first_row = dict(zip(self.case_ids, np.concatenate([[0], np.cumsum(rows_per_case)[:-1]]).tolist()))
+        self._buffer: list[tuple[np.ndarray, int, float]] = []
         self._rows: Iterator[CachedRow] = iter(())
         self._rng = np.random.default_rng(0)
         self._epoch = 0
@@ -93,6 +113,14 @@ class StreamedPool:
         every drawn slot is refilled with the next streamed row, so within a pass a row is
         drawn at most once until the stream wraps to a new pass in a new order.
         """
+        return self.draw_named(count).images
+
+    def draw_named(self, count: int) -> StreamDraw:
+        """:meth:`draw` (the same draws) with each sample's index in the whole pool and its relative position.
+
+        Raises:
+            ValueError: this rank's pool is empty.
+        """
         self._fill()
         if not self._buffer:
             raise ValueError("the unlabelled pool of this rank is empty")
@@ -100,12 +128,14 @@ class StreamedPool:
         picks = self._rng.choice(size, size=min(count, size), replace=False)
         if count > size:
             picks = np.concatenate([picks, self._rng.integers(0, size, count - size)])
-        out = np.stack([self._buffer[i] for i in picks])
+        drawn = StreamDraw(np.stack([self._buffer[i][0] for i in picks]),
+                           np.asarray([self._buffer[i][1] for i in picks], np.int64),
+                           np.asarray([self._buffer[i][2] for i in picks], np.float32))
         for i in sorted(set(int(p) for p in picks)):
             row = self._next_row()
             if row is not None:
                 self._buffer[i] = row
-        return out
+        return drawn
 
     def _fill(self) -> None:
         while len(self._buffer) < self.buffer_rows:
@@ -115,13 +145,20 @@ class StreamedPool:
             self._buffer.append(row)
         self.peak_rows = max(self.peak_rows, len(self._buffer))
 
-    def _next_row(self) -> np.ndarray | None:
+    def _next_row(self) -> tuple[np.ndarray, int, float] | None:
         for _attempt in range(2):
             row = next(self._rows, None)
             if row is not None:
-                return pad_sample(row.image, self.sample_shape)
+                return pad_sample(row.image, self.sample_shape), *self._name(row)
             self._rows = self._next_pass()
         return None
+
+    def _name(self, row: CachedRow) -> tuple[int, float]:
+        """The row's index in the whole pool and its relative position (see :class:`StreamDraw`)."""
+        if row.slice_index is None:
+            return self._first_row[row.case_id], 0.5
+        slices = int(self.dataset.case_entry(row.case_id)["rows"])
+        return self._first_row[row.case_id] + int(row.slice_index), relative_position(int(row.slice_index), slices)
 
     def _next_pass(self) -> Iterator[CachedRow]:
         order = np.random.default_rng([self.seed, self._epoch, self._passes]).permutation(len(self.case_ids))
@@ -155,6 +192,11 @@ class LazyCases(Sequence):
             return LazyCases(self.dataset, self.case_ids[index], self._to_case)
         (case,) = self.dataset.read_cases([self.case_ids[index]])
         return self._to_case(case)
+
+
+def relative_position(index: int, count: int) -> float:
+    """``index / (count - 1)``: where slice ``index`` of ``count`` lies along its axis (0 when ``count`` is 1)."""
+    return index / (count - 1) if count > 1 else 0.0
 
 
 def pad_sample(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -45,7 +45,8 @@ def batch_sampler(cfg: ExperimentConfig, data: PreparedData, method: Method, ran
                                                    if method.uses_unlabelled else 0),
                              rank=rank, world_size=world_size, seed=cfg.train.seed,
                              patch_size=patch_size(cfg), foreground_fraction=cfg.train.foreground_fraction,
-                             unlabelled_stream=data.unlabelled_stream)
+                             unlabelled_stream=data.unlabelled_stream, labelled_positions=data.labelled_positions,
+                             unlabelled_positions=data.unlabelled_positions)
 
 
 def model_spec(cfg: ExperimentConfig, data: PreparedData) -> dict[str, Any]:
