@@ -6,6 +6,8 @@ padding the up-sampled maps to their skip connection.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,7 +86,8 @@ class UNet(nn.Module):
         self.feature_channels = channels[0]
         self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False, encode_only: bool = False):
+    def forward(self, x: torch.Tensor, return_features: bool = False, encode_only: bool = False,
+                decoder_features: bool = False, decoder_blocks: int | None = None, frozen_encoder: bool = False):
         """Segment ``x`` of shape ``[B, C, *spatial]``.
 
         Args:
@@ -92,26 +95,50 @@ class UNet(nn.Module):
             return_features: also return the penultimate per-pixel feature maps.
             encode_only: stop at the bottleneck and return its feature maps (encoder
                 pretraining); going through ``forward`` keeps DDP's gradient hooks working.
+            decoder_features: return the outputs of the decoder blocks instead of logits
+                (decoder pretraining); the segmentation head is not run.
+            decoder_blocks: with ``decoder_features``, run only the first ``decoder_blocks``
+                blocks (all when ``None``), so that no later block takes part in the pass.
+            frozen_encoder: run the encoder without recording gradients: the bottleneck and
+                the skip connections reach the decoder detached (decoder pretraining on a
+                frozen encoder; under DDP the encoder then counts as unused).
 
         Returns:
             Logits ``[B, num_classes, *spatial]``; ``(logits, features)`` when
             ``return_features``; the bottleneck ``[B, F, *spatial / 2**depth]`` when
-            ``encode_only``.
+            ``encode_only``; with ``decoder_features`` the list of decoder block outputs,
+            coarsest first (block ``i``, 1-based, is ``[B, width * 2**(depth - i), *spatial / 2**(depth - i)]``).
+
+        Raises:
+            ValueError: ``decoder_blocks`` outside 1 … ``depth``.
         """
+        if decoder_blocks is not None and not 1 <= decoder_blocks <= self.depth:
+            raise ValueError(f"decoder_blocks must be in 1..{self.depth}, got {decoder_blocks}")
+        with torch.no_grad() if frozen_encoder else contextlib.nullcontext():
+            x, skips = self._encode(x)
+        if encode_only:
+            return x
+        blocks = self.depth if decoder_blocks is None or not decoder_features else decoder_blocks
+        outputs = []
+        for up, decoder, skip in list(zip(self.ups, self.decoders, reversed(skips)))[:blocks]:
+            x = up(x)
+            x = _pad_to(x, skip)
+            x = decoder(torch.cat([skip, x], dim=1))
+            outputs.append(x)
+        if decoder_features:
+            return outputs
+        logits = self.head(x)
+        return (logits, x) if return_features else logits
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The bottleneck of ``x`` and the skip connections, shallowest first."""
         skips = []
         for level, encoder in enumerate(self.encoders):
             x = encoder(x)
             if level < self.depth:
                 skips.append(x)
                 x = self.pool(x)
-        if encode_only:
-            return x
-        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
-            x = up(x)
-            x = _pad_to(x, skip)
-            x = decoder(torch.cat([skip, x], dim=1))
-        logits = self.head(x)
-        return (logits, x) if return_features else logits
+        return x, skips
 
 
 def _pad_to(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
