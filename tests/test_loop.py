@@ -131,6 +131,13 @@ def test_every_methods_checkpoint_loads_with_weights_only(tiny_config, tmp_path,
     assert payload["torch_rng"].dtype == torch.uint8
     assert _plain_types(payload["loop"]) and _plain_types(payload["model_spec"])
     assert payload["loop"]["history"] and all(type(v) in (int, float) for v in payload["loop"]["history"][0].values())
+    from semiseg.models.evaluation import build_evaluation_network
+
+    network = build_evaluation_network(payload["model_spec"])
+    network.load_state_dict(payload["best_eval_state"])
+    assert sum(p.numel() for p in network.parameters()) == sum(
+        t.numel() for k, t in payload["best_eval_state"].items() if not k.endswith(("running_mean", "running_var",
+                                                                                     "num_batches_tracked")))
 
 
 def test_numpy_metrics_are_saved_as_plain_numbers():

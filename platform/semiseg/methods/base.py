@@ -253,6 +253,11 @@ class Method:
         """Network used for validation and test."""
         return self.trained["student"]
 
+    def eval_model_spec(self) -> dict[str, Any]:
+        """What, besides the architecture, rebuilds :meth:`eval_model` from a checkpoint (see
+        :mod:`semiseg.models.evaluation`); nothing for a method evaluated with one segmenter."""
+        return {}
+
     def wrap_for_ddp(self, device_ids: list[int] | None) -> list[nn.Parameter]:
         """Prepare the networks for training under several workers (the loop calls it once, after
         building the method and before building its optimisers).

@@ -39,7 +39,7 @@ targets differ slightly while DDP averages their gradients into identical weight
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ from semiseg.components.views import MAX_VIEWS, ViewEnsemble, from_view, fuse_ot
 from semiseg.config import NON_NEGATIVE, Bounds
 from semiseg.losses import supervised_loss
 from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
+from semiseg.models.evaluation import ENSEMBLE_VIEWS
 from semiseg.methods.registry import register_method
 
 
@@ -128,6 +129,10 @@ class CoTraining(Method):
                  for k, key in enumerate(self.segmenters)]
         uncertainties = [predictive_entropy(p) for p in probs]
         return [hard_pseudo_labels(fuse_other_views(probs, uncertainties, k)) for k in range(len(probs))]
+
+    def eval_model_spec(self) -> dict[str, Any]:
+        """The evaluation network is the ensemble of the ``views`` segmenters."""
+        return {ENSEMBLE_VIEWS: self.params.views}
 
     def eval_model(self) -> nn.Module:
         """The views' ensemble: log of the mean of their softmax, each mapped back from its view."""

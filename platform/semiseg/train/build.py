@@ -49,10 +49,11 @@ def batch_sampler(cfg: ExperimentConfig, data: PreparedData, method: Method, ran
                              unlabelled_positions=data.unlabelled_positions)
 
 
-def model_spec(cfg: ExperimentConfig, data: PreparedData) -> dict[str, Any]:
-    """What rebuilds the evaluation network from a checkpoint (saved with it, read by the model registry)."""
+def model_spec(cfg: ExperimentConfig, data: PreparedData, method: Method) -> dict[str, Any]:
+    """What rebuilds the evaluation network from a checkpoint (saved with it, read by the model registry
+    through :func:`semiseg.models.evaluation.build_evaluation_network`)."""
     return {"dims": cfg.data.dims, "in_channels": data.in_channels, "num_classes": data.num_classes,
-            "model": dict(vars(cfg.model)), "class_ids": list(data.class_ids)}
+            "model": dict(vars(cfg.model)), "class_ids": list(data.class_ids), **method.eval_model_spec()}
 
 
 def patch_size(cfg: ExperimentConfig) -> tuple[int, int, int] | None:

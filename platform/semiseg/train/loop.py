@@ -75,7 +75,7 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
         if folder is not None:
             state = load_checkpoint(Path(folder), method, optimizers, scaler)
             log.info("resumed from epoch %d", state.epoch)
-    spec = model_spec(cfg, data)
+    spec = model_spec(cfg, data, method)
     sampler = batch_sampler(cfg, data, method, session.rank, session.world_size)
     while state.epoch < cfg.train.max_epochs and not state.diverged:
         metrics = train_epoch(cfg, method, optimizers, scaler, sampler, state, device, sync)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import semiseg
-from semiseg.models import build_model
+from semiseg.models.evaluation import build_evaluation_network
 from semiseg.tracking import TAG_PHASE, TAG_TRIAL_ID, Tracker, quiet_run_links, scrub
 from semiseg.train.contract import CHECKPOINT_FILE
 from semiseg.tune.results import TrialRow
@@ -80,9 +80,7 @@ def load_best_model(row: TrialRow) -> tuple[torch.nn.Module, np.ndarray]:
     if spec is None or state is None:
         raise ValueError(f"checkpoint {row.checkpoint} holds no best model")
     model_cfg = spec["model"]
-    network = build_model(model_cfg["name"], dims=spec["dims"], in_channels=spec["in_channels"],
-                          num_classes=spec["num_classes"], depth=model_cfg["depth"], width=model_cfg["width"],
-                          dropout=model_cfg["dropout"], norm=model_cfg["norm"])
+    network = build_evaluation_network(spec)
     network.load_state_dict(state)
     side = 2 ** (int(model_cfg["depth"]) + 1)
     example = np.zeros((1, spec["in_channels"], *([side] * int(spec["dims"]))), dtype=np.float32)
