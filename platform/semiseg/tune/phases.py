@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +33,49 @@ MAX_FAILURES = 2
 
 class TrialsFailedError(Exception):
     """Every trial of a phase errored; the message is the first error's one line."""
+
+
+class StudyInterruptedError(Exception):
+    """The user stopped a phase (Ctrl+C, SIGINT): Tune saved its state, and the study stops rather
+    than go on to its next phase; ``--resume`` continues it. The message is the phase's name."""
+
+
+def fit_phase(tuner: Any, phase: str) -> Any:
+    """``tuner.fit()``, then :class:`StudyInterruptedError` when the user stopped it.
+
+    Tune answers the first SIGINT by saving its state, stopping the trials (they end as
+    terminated, like finished ones) and returning from ``fit`` as if the run had ended; a study
+    would then start its next phase. Tune's handler puts back the handler it found when it
+    fires, so the one installed here around ``fit`` tells whether it fired; it also records a
+    SIGINT Tune did not catch, and a second one raises ``KeyboardInterrupt`` as Python would.
+    Outside the main thread (no signal handlers there) a run that ended with trials pending or
+    running is taken as interrupted.
+
+    Raises:
+        StudyInterruptedError: the phase was stopped by SIGINT.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        results = tuner.fit()
+        if results.num_terminated + results.num_errors < len(results):
+            raise StudyInterruptedError(phase)
+        return results
+    received: list[int] = []
+
+    def record_interrupt(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, record_interrupt)
+    try:
+        results = tuner.fit()
+        tune_installed_its_handler = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        tune_handler_fired = tune_installed_its_handler and signal.getsignal(signal.SIGINT) is record_interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received or tune_handler_fired:
+        raise StudyInterruptedError(phase)
+    return results
 
 
 @dataclass
@@ -119,7 +164,8 @@ class PhaseContext:
 
 def run_search(context: PhaseContext, search: Search, num_samples: int) -> list[TrialRow]:
     """Run one search (or resume it with ``--resume``); return its trials' rows."""
-    results = _restored_or_new(context, search.phase, lambda: _new_search(context, search, num_samples)).fit()
+    results = fit_phase(_restored_or_new(context, search.phase, lambda: _new_search(context, search, num_samples)),
+                        search.phase)
     keys = list(search.space.keys) or _searched_keys(results)
     return rows_from_results(results, search.phase, keys, context.max_epochs)
 
@@ -172,7 +218,7 @@ def run_fixed(context: PhaseContext, phase: str, variants: list[dict[str, Any]],
                                                       reuse_actors=context.reuse_actors),
                           run_config=context.run_config(phase))
 
-    results = _restored_or_new(context, phase, new).fit()
+    results = fit_phase(_restored_or_new(context, phase, new), phase)
     return rows_from_results(results, phase, shown_keys, context.max_epochs)
 
 

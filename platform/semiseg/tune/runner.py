@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -45,8 +46,8 @@ from semiseg.tune.cli import StudyArgs, check_paths, parse_args
 from semiseg.tune.configs import budget, public, resolve_base_config, searches, study_baselines, study_methods
 from semiseg.tune.local_ray import init_ray
 from semiseg.tune.model_registry import register_best_models
-from semiseg.tune.phases import (PhaseContext, TrialsFailedError, check_phase, final_variants, load_state, run_fixed,
-                                 run_search, save_state)
+from semiseg.tune.phases import (PhaseContext, StudyInterruptedError, TrialsFailedError, check_phase, final_variants,
+                                 load_state, run_fixed, run_search, save_state)
 from semiseg.tune.report import StudyOutcome, console_logging, print_banner, report, summarise
 from semiseg.tune.resources import ResourceError, TrialRequest, check_cluster_resources, check_local_resources
 from semiseg.tune.results import TrialRow
@@ -56,6 +57,16 @@ log = logging.getLogger("semiseg.study")
 EXIT_INPUT_ERROR = 2
 EXIT_TRIALS_FAILED = 1
 """Exit status of a study whose searched or final trials all errored."""
+EXIT_INTERRUPTED = 130
+"""Exit status of a study stopped with Ctrl+C (128 + SIGINT, as a shell reports it)."""
+
+
+def resume_command(argv: Sequence[str] | None = None) -> str:
+    """The command line that continues this study: the same interpreter, script and arguments, with ``--resume``."""
+    words = list(sys.argv if argv is None else [sys.argv[0], *argv])
+    if "--resume" not in words:
+        words.append("--resume")
+    return shlex.join([sys.executable, *words])
 
 
 def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
@@ -70,7 +81,8 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
 
     Raises:
         SystemExit: status 2 on input errors (dataset, configuration, impossible resources),
-            status 1 when every trial of a phase errored, after one message.
+            status 1 when every trial of a phase errored, status 130 when stopped with Ctrl+C
+            (with the command that resumes it), after one message.
     """
     import ray
 
@@ -93,6 +105,12 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
         raise SystemExit(EXIT_INPUT_ERROR) from None
     try:
         return execute(study, args, base, layout_name)
+    except StudyInterruptedError as error:
+        if ray.is_initialized() and not ray_was_connected:
+            ray.shutdown()
+        print(f"stopped during {error}: its finished trials and checkpoints are saved; continue with:\n"
+              f"  {resume_command(argv)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except (ResourceError, TrialsFailedError) as error:
         if ray.is_initialized() and not ray_was_connected:
             ray.shutdown()
