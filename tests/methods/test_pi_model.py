@@ -174,7 +174,7 @@ def _independent_step(network: nn.Module, batch, dims: int, settings: AugmentSet
 def test_step_losses_match_an_independent_computation(dims, stop_gradient, tiny_context):
     settings = AugmentSettings(rotation_deg=20.0, scale=0.15, shift=0.1)
     method = build_method("pi_model", tiny_context(dims, dropout=0.0, augment=settings, rampup_epochs=10.0),
-                          {"consistency": 3.0, "stop_gradient": stop_gradient})
+                          {"consistency": 3.0, "stop_gradient": stop_gradient, "scale_by_labelled_fraction": True})
     method.train()
     generator = torch.Generator()
     generator.set_state(method.generator.get_state())

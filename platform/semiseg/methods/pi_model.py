@@ -19,24 +19,18 @@
   does). The paper averages over the C classes as well (1/(C|B|) Σ‖z_i − z̃_i‖²), so
   its weight corresponds to ours times C.
 - Weight w(t) = ``consistency`` × the configured ramp-up (``schedule.rampup_*``; the paper:
-  the sigmoid exp(−5(1 − t)²) over 80 epochs) × the labelled fraction when
-  ``scale_by_labelled_fraction`` (the paper's w_max = 100 · M/N, M labelled out of N
-  training images). The fraction used here is the *batch's* labelled share
-  n_l / (n_l + n_u), which the trainer fixes with ``train.labelled_per_batch`` /
-  ``train.batch_size``; the dataset's M/N is not available to a method. Note that in the
-  paper this factor balances a supervised term divided by the whole batch size |B|
-  (1/|B| Σ_{i∈B∩L}), whereas the supervised loss here is averaged over the labelled
-  images only; with the factor on, the consistency's weight relative to the supervised
-  term is therefore ``consistency`` × n_l/(n_l + n_u), not the paper's w_max/C.
-- Default ``consistency`` 2.0: with the platform's default batch (4 labelled of 8, a
-  fraction of 0.5) the effective weight on the class-summed MSE is 1.0, the mean
-  teacher's default here (whose consistency is the same class-summed MSE, with the same
-  ramp-up). The paper's relative weight of consistency to a supervised term averaged over
-  the labelled images is w_max/C = 100/10 = 10 on a class-summed MSE, i.e.
-  ``consistency`` 20 at a fraction of 0.5; that CIFAR-10 value is for one output per
-  image, where a voxel-wise map is mostly easy background, so the default stays at the
-  platform's tested scale and the search range, 0.2–60 (log: the mean teacher's 0.1–30
-  doubled for the 0.5 fraction), includes the paper's equivalent.
+  the sigmoid exp(−5(1 − t)²) over 80 epochs), × the batch's labelled share
+  n_l / (n_l + n_u) when ``scale_by_labelled_fraction``. The paper's w_max = 100 is
+  multiplied by M/N (M labelled of N training images), but there it balances a
+  supervised term divided by the whole batch size |B| (1/|B| Σ_{i∈B∩L}), which carries
+  the same factor M/N in expectation: the ratio of consistency to supervised loss is
+  w_max. The supervised loss here is averaged over the labelled images only, so that
+  ratio needs no factor (default off), and the class sum turns the paper's w_max/C on
+  CIFAR-10 (C = 10) into the default ``consistency`` = 100/10 = 10. Temporal ensembling
+  (:mod:`semiseg.methods.temporal_ensembling`) follows the same reading: 30/10 = 3. The
+  search range, 0.3–100 (log), reaches the mean teacher's scale (1.0) and ten times the
+  paper's equivalent; a voxel-wise map is mostly easy background, so the weight that
+  suits a segmentation task may be far from CIFAR-10's.
 - ``stop_gradient`` (default off, as in the paper, which back-propagates through both
   evaluations): when on, the second pass runs under ``no_grad`` and is only a target.
   Without it both passes run as one forward of the concatenated views (one
@@ -66,10 +60,10 @@ from semiseg.methods.registry import register_method
 class PiModelParams(MethodParams):
     """Hyperparameters of the Π-model (defaults and ranges: see the module docstring)."""
 
-    consistency: float = hparam(2.0, low=0.2, high=60.0, log=True, bounds=NON_NEGATIVE,
-                                help="w_max: weight of the class-summed MSE consistency after ramp-up, before the "
-                                     "labelled-fraction factor (paper: 100 on a class-averaged MSE, CIFAR-10)")
-    scale_by_labelled_fraction: bool = hparam(True, choices=(False, True),
+    consistency: float = hparam(10.0, low=0.3, high=100.0, log=True, bounds=NON_NEGATIVE,
+                                help="weight of the class-summed MSE consistency after ramp-up (paper: w_max 100 on "
+                                     "a mean over CIFAR-10's 10 classes, i.e. 10 here)")
+    scale_by_labelled_fraction: bool = hparam(False, choices=(False, True),
                                               help="multiply the weight by the batch's labelled share "
                                                    "n_l/(n_l + n_u) (paper: by M/N over the dataset)")
     stop_gradient: bool = hparam(False, choices=(False, True),
