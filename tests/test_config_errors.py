@@ -146,3 +146,20 @@ def test_the_study_script_answers_in_one_line_before_any_ray_process(tmp_path, o
     assert result.returncode == 2, (result.returncode, result.returncode == RAY_STARTED_EXIT, result.stderr)
     assert result.stderr.strip() == f"error: {message}" or message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_domain_contrastive_strategy_on_whole_3d_volumes_is_refused(refused):
+    line = refused("--set", "method.name=contrastive_pretrain", "--set", "data.dims=3",
+                   "--set", "method.strategy=global_domain+local")
+    assert "method.strategy = 'global_domain+local' is not allowed with whole 3D volumes" in line
+    assert "method.strategy=global_random+local" in line
+
+
+def test_a_domain_contrastive_strategy_is_allowed_on_slices_and_patches():
+    from semiseg.methods.registry import get_method, method_params
+
+    method = get_method("contrastive_pretrain")
+    params = method_params("contrastive_pretrain", {"strategy": "global_domain"})
+    method.check_setting(params, 2, "")
+    method.check_setting(params, 3, "16x16x8")
+    method.check_setting(method_params("contrastive_pretrain", {"strategy": "global_random"}), 3, "")

@@ -197,6 +197,15 @@ class Method:
         self.frozen: dict[str, nn.Module] = {}
         self.generator = torch.Generator().manual_seed(context.seed)
 
+    @classmethod
+    def check_setting(cls, params: MethodParams, dims: int, patch_size: str) -> None:
+        """Refuse, before Ray starts, hyperparameters this method cannot train with on data of ``dims``
+        spatial dimensions trained as whole samples (``patch_size`` empty) or patches; nothing by default.
+
+        Raises:
+            ConfigError: naming the ``method.<key>`` and what to set instead.
+        """
+
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups, one optimiser each; ``main`` trains the segmenter."""
         return {"main": [p for m in self.trained.values() for p in m.parameters()]}

@@ -22,7 +22,8 @@ Stages (``pretrain_epochs`` in all, counted in fractional epochs):
      random batch holds two of its slices there); its negatives are the images of the other
      partitions. A batch whose images all lie in one partition has no negatives: its loss is 0
      (logged as ``domain_partitions`` = 1, with a warning once; whole 3D volumes, whose
-     positions the sampler gives as 0, are always in that case: use a ``global_random`` strategy). Each positive pair has its own term whose denominator
+     positions are all alike, are always in that case, and a domain strategy with whole 3D
+     volumes is refused before Ray starts: use a ``global_random`` strategy or patches). Each positive pair has its own term whose denominator
      is the pair plus the negatives (the paper's Eq. 1).
 
 2. Local stage (the remaining ``pretrain_epochs * local_fraction`` epochs, strategies ``…+local``):
@@ -57,7 +58,7 @@ from semiseg.augment import augment_images, mixed_images, perturb_intensity
 from semiseg.components.contrastive import (LocalProjectionHead, ProjectionHead, domain_contrastive_loss,
                                             local_contrastive_loss, nt_xent_loss, slice_partitions,
                                             unet_bottleneck, unet_decoder_features)
-from semiseg.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bounds
+from semiseg.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bounds, ConfigError
 from semiseg.methods.base import (BuildContext, Method, MethodParams, Progress, StepOutput,
                                   augmented_supervised_loss, hparam)
 from semiseg.methods.registry import register_method
@@ -188,6 +189,20 @@ class ContrastivePretrain(Method):
         f1, f2 = self.trained["local_projection"](features).chunk(2)
         return local_contrastive_loss(f1, f2, self.params.local_region_size, self.params.local_regions,
                                       self.params.temperature)
+
+    @classmethod
+    def check_setting(cls, params: ContrastivePretrainParams, dims: int, patch_size: str) -> None:
+        """A domain strategy (G^D) needs images at different positions of their volumes: 2D slices or 3D
+        patches, not whole 3D volumes (all at one position, so the loss would have no negatives).
+
+        Raises:
+            ConfigError: a ``global_domain`` strategy with ``data.dims = 3`` and no ``data.patch_size``.
+        """
+        if params.strategy.startswith("global_domain") and dims == 3 and not patch_size:
+            raise ConfigError(f"method.strategy = {params.strategy!r} is not allowed with whole 3D volumes "
+                              "(data.dims = 3 without data.patch_size): G^D contrasts slices or patches from "
+                              "different partitions of their volumes; set data.patch_size or "
+                              f"method.strategy={params.strategy.replace('global_domain', 'global_random')}")
 
     def _positions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Relative slice positions of the images of :func:`mixed_images` (labelled, then unlabelled).

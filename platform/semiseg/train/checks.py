@@ -5,7 +5,8 @@ own choices and bounds). What needs the registries or several keys at once is ch
 here, before Ray starts, so that a mistake costs the user one line and two seconds, not a
 Ray start-up and a failed trial: names chosen from registries (model, optimiser, norm,
 schedules, normalisation, loader), shapes and spacings written as text, the batch
-composition, and a dry build of the method's networks on the CPU.
+composition, a dry build of the method's networks on the CPU, and what the method itself
+refuses for the data (:meth:`semiseg.methods.Method.check_setting`).
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def _check_build(cfg: ExperimentConfig) -> None:
                            augment=AugmentSettings(), rampup_epochs=cfg.schedule.rampup_epochs,
                            rampup_shape=cfg.schedule.rampup_shape, seed=cfg.train.seed)
     try:
-        build_method(cfg.method["name"], context, cfg.method)
+        method = build_method(cfg.method["name"], context, cfg.method)
     except ConfigError:
         raise
     except (ValueError, TypeError) as error:
         raise ConfigError(f"model.name = {cfg.model.name!r} is not allowed with method {cfg.method['name']!r}, "
                           f"data.dims = {cfg.data.dims}: {error}") from None
+    method.check_setting(method.params, cfg.data.dims, cfg.data.patch_size)
