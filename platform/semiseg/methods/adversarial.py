@@ -61,12 +61,9 @@ class Adversarial(Method):
     def __init__(self, context: BuildContext, params: AdversarialParams) -> None:
         super().__init__(context, params)
         self.trained["student"] = context.build_network()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed * 1000 + 1)
-            discriminator = Discriminator(dims=context.dims, in_channels=context.in_channels,
-                                          num_classes=context.num_classes, width=params.disc_width,
-                                          depth=params.disc_depth)
-        self.trained["discriminator"] = discriminator.to(context.device)
+        self.trained["discriminator"] = context.build_module(
+            lambda: Discriminator(dims=context.dims, in_channels=context.in_channels, num_classes=context.num_classes,
+                                  width=params.disc_width, depth=params.disc_depth), seed_offset=1)
 
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """``main``: the segmenter's parameters; ``discriminator``: the discriminator's."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -160,15 +160,21 @@ class BuildContext:
     seed: int = 0
     device: str = "cpu"
 
-    def build_network(self, seed_offset: int = 0) -> nn.Module:
-        """Build the configured segmentation network, initialised from ``seed + seed_offset``."""
+    def build_module(self, factory: Callable[[], nn.Module], seed_offset: int) -> nn.Module:
+        """``factory()`` initialised from ``seed·1000 + seed_offset`` (the global RNG left as it was), on the
+        context's device: a method's heads and discriminators, each with its own offset."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1000 + seed_offset)
-            network = build_model(self.model["name"], dims=self.dims, in_channels=self.in_channels,
-                                  num_classes=self.num_classes, depth=int(self.model["depth"]),
-                                  width=int(self.model["width"]), dropout=float(self.model["dropout"]),
-                                  norm=str(self.model["norm"]))
-        return network.to(self.device)
+            module = factory()
+        return module.to(self.device)
+
+    def build_network(self, seed_offset: int = 0) -> nn.Module:
+        """Build the configured segmentation network, initialised from ``seed·1000 + seed_offset``."""
+        return self.build_module(
+            lambda: build_model(self.model["name"], dims=self.dims, in_channels=self.in_channels,
+                                num_classes=self.num_classes, depth=int(self.model["depth"]),
+                                width=int(self.model["width"]), dropout=float(self.model["dropout"]),
+                                norm=str(self.model["norm"])), seed_offset)
 
 
 class Method:

@@ -54,10 +54,11 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from semiseg.components.discriminator import PixelDiscriminator, constant_target_bce
-from semiseg.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Bounds
+from semiseg.components.discriminator import constant_target_bce
+from semiseg.config import NON_NEGATIVE, PROBABILITY
 from semiseg.losses import one_hot, supervised_loss
-from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
+from semiseg.methods.base import BuildContext, Progress, StepOutput, hparam
+from semiseg.methods.discriminator_base import PixelDiscriminatorMethod, PixelDiscriminatorParams
 from semiseg.methods.registry import register_method
 
 GROUND_TRUTH_LABEL = 1.0
@@ -67,7 +68,7 @@ PREDICTION_LABEL = 0.0
 
 
 @dataclass(frozen=True)
-class ConfidenceSelfTrainingParams(MethodParams):
+class ConfidenceSelfTrainingParams(PixelDiscriminatorParams):
     """Hyperparameters of Hung et al.'s method (defaults: the paper's Table 5 / reference code)."""
 
     adversarial_weight: float = hparam(0.01, low=1e-4, high=0.1, log=True, bounds=NON_NEGATIVE,
@@ -85,14 +86,6 @@ class ConfidenceSelfTrainingParams(MethodParams):
     semi_start_epoch: float = hparam(7.5, low=0.0, high=15.0, bounds=NON_NEGATIVE,
                                      help="semi-supervised-stage epoch from which the self-training term is "
                                           "on (paper: 5000 of 20000 iterations, a quarter of training)")
-    disc_lr: float = hparam(1e-4, low=1e-5, high=1e-3, log=True, bounds=POSITIVE,
-                            help="learning rate of the discriminator (paper: 1e-4)")
-    disc_width: int = hparam(16, bounds=AT_LEAST_ONE,
-                             help="channels of the discriminator's first convolution (paper: 64; smaller "
-                                  "default for CPU-sized runs)")
-    disc_depth: int = hparam(4, bounds=Bounds(1.0, 8.0),
-                             help="stride-2 LeakyReLU convolutions before the discriminator's output "
-                                  "convolution (paper: 4)")
 
 
 def confidence_mask(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -126,7 +119,7 @@ def masked_self_training_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 @register_method
-class ConfidenceSelfTraining(Method):
+class ConfidenceSelfTraining(PixelDiscriminatorMethod):
     """Segmenter trained on labels, to fool a per-pixel discriminator, and on its confident pixels."""
 
     name = "confidence_self_training"
@@ -135,21 +128,7 @@ class ConfidenceSelfTraining(Method):
 
     def __init__(self, context: BuildContext, params: ConfidenceSelfTrainingParams) -> None:
         super().__init__(context, params)
-        self.trained["student"] = context.build_network()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed * 1000 + 1)
-            discriminator = PixelDiscriminator(dims=context.dims, in_channels=context.num_classes,
-                                               width=params.disc_width, depth=params.disc_depth)
-        self.trained["discriminator"] = discriminator.to(context.device)
-
-    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """``main``: the segmenter's parameters; ``discriminator``: D's."""
-        return {"main": list(self.trained["student"].parameters()),
-                "discriminator": list(self.trained["discriminator"].parameters())}
-
-    def group_learning_rates(self) -> dict[str, float]:
-        """The discriminator's own learning rate ``disc_lr``."""
-        return {"discriminator": self.params.disc_lr}
+        self.build_discriminator()
 
     def semi_active(self, progress: Progress) -> bool:
         """Whether the self-training term is on: ``semi_start_epoch`` epochs of the semi-supervised stage done."""

@@ -117,17 +117,13 @@ class ContrastivePretrain(Method):
         super().__init__(context, params)
         self.trained["student"] = context.build_network()
         depth, width = int(context.model["depth"]), int(context.model["width"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed * 1000 + 1)
-            head = ProjectionHead(width * 2 ** depth, params.projection_dim)
-        self.trained["projection"] = head.to(context.device)
+        self.trained["projection"] = context.build_module(
+            lambda: ProjectionHead(width * 2 ** depth, params.projection_dim), seed_offset=1)
         self.local_blocks = _local_decoder_blocks(depth, params.local_feature_stride)
         self._warned_single_partition = False
         if self.has_local_stage:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(context.seed * 1000 + 2)
-                local_head = LocalProjectionHead(context.dims, width * 2 ** (depth - self.local_blocks))
-            self.trained["local_projection"] = local_head.to(context.device)
+            self.trained["local_projection"] = context.build_module(
+                lambda: LocalProjectionHead(context.dims, width * 2 ** (depth - self.local_blocks)), seed_offset=2)
 
     @property
     def has_local_stage(self) -> bool:

@@ -44,11 +44,12 @@ from typing import Mapping
 
 import torch
 
-from semiseg.components.discriminator import PixelDiscriminator, constant_target_bce
+from semiseg.components.discriminator import constant_target_bce
 from semiseg.components.entropy import mean_entropy, self_information
-from semiseg.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bounds
+from semiseg.config import NON_NEGATIVE
 from semiseg.losses import supervised_loss
-from semiseg.methods.base import BuildContext, Method, MethodParams, Progress, StepOutput, hparam
+from semiseg.methods.base import BuildContext, Progress, StepOutput, hparam
+from semiseg.methods.discriminator_base import PixelDiscriminatorMethod, PixelDiscriminatorParams
 from semiseg.methods.registry import register_method
 
 SOURCE_LABEL = 0.0
@@ -58,8 +59,9 @@ TARGET_LABEL = 1.0
 
 
 @dataclass(frozen=True)
-class EntropyMinimisationParams(MethodParams):
-    """Hyperparameters of entropy minimisation (defaults: ADVENT's reference configuration)."""
+class EntropyMinimisationParams(PixelDiscriminatorParams):
+    """Hyperparameters of entropy minimisation (defaults: ADVENT's reference configuration); the
+    discriminator's (``disc_*``) are used only with ``adversarial``."""
 
     entropy_weight: float = hparam(0.001, low=1e-4, high=1.0, log=True, bounds=NON_NEGATIVE,
                                    help="weight of the normalised entropy of unlabelled predictions after "
@@ -70,18 +72,10 @@ class EntropyMinimisationParams(MethodParams):
     adversarial_weight: float = hparam(0.001, low=1e-4, high=0.1, log=True, bounds=NON_NEGATIVE,
                                        help="weight of the segmenter's adversarial term after ramp-up "
                                             "(ADVENT: 0.001); only with adversarial")
-    disc_lr: float = hparam(1e-4, low=1e-5, high=1e-3, log=True, bounds=POSITIVE,
-                            help="learning rate of the discriminator (ADVENT: 1e-4); only with adversarial")
-    disc_width: int = hparam(16, bounds=AT_LEAST_ONE,
-                             help="channels of the discriminator's first convolution (ADVENT: 64; smaller "
-                                  "default for CPU-sized runs)")
-    disc_depth: int = hparam(4, bounds=Bounds(1.0, 8.0),
-                             help="stride-2 LeakyReLU convolutions before the discriminator's output "
-                                  "convolution (ADVENT: 4)")
 
 
 @register_method
-class EntropyMinimisation(Method):
+class EntropyMinimisation(PixelDiscriminatorMethod):
     """Segmenter trained on labels and to make confident (low-entropy) unlabelled predictions."""
 
     name = "entropy_minimisation"
@@ -90,24 +84,8 @@ class EntropyMinimisation(Method):
 
     def __init__(self, context: BuildContext, params: EntropyMinimisationParams) -> None:
         super().__init__(context, params)
-        self.trained["student"] = context.build_network()
         if params.adversarial:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(context.seed * 1000 + 1)
-                discriminator = PixelDiscriminator(dims=context.dims, in_channels=context.num_classes,
-                                                   width=params.disc_width, depth=params.disc_depth)
-            self.trained["discriminator"] = discriminator.to(context.device)
-
-    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """``main``: the segmenter's parameters; ``discriminator``: D's (adversarial form only)."""
-        groups = {"main": list(self.trained["student"].parameters())}
-        if "discriminator" in self.trained:
-            groups["discriminator"] = list(self.trained["discriminator"].parameters())
-        return groups
-
-    def group_learning_rates(self) -> dict[str, float]:
-        """The discriminator's own learning rate ``disc_lr`` (adversarial form only)."""
-        return {"discriminator": self.params.disc_lr} if "discriminator" in self.trained else {}
+            self.build_discriminator()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Supervised loss plus the ramped entropy term, or ADVENT's adversarial objectives."""

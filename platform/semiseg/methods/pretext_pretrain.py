@@ -56,7 +56,6 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from semiseg.augment import mixed_images, perturb_intensity
 from semiseg.components.contrastive import unet_bottleneck
@@ -108,11 +107,9 @@ class PretextPretrain(Method):
                 raise ValueError(f"num_permutations = {params.num_permutations} exceeds the "
                                  f"{math.factorial(self.num_tiles)} permutations of {self.num_tiles} tiles")
             self.permutations = maximal_hamming_permutations(self.num_tiles, params.num_permutations)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed * 1000 + 1)
-            head: nn.Module = (RotationHead(channels, rotation_classes(context.dims)) if params.task == "rotation"
-                               else JigsawHead(channels, self.num_tiles, params.num_permutations))
-        self.trained["pretext_head"] = head.to(context.device)
+        self.trained["pretext_head"] = context.build_module(
+            lambda: (RotationHead(channels, rotation_classes(context.dims)) if params.task == "rotation"
+                     else JigsawHead(channels, self.num_tiles, params.num_permutations)), seed_offset=1)
 
     def pretrain_step(self, batch: Mapping[str, torch.Tensor], progress: Progress) -> StepOutput:
         """Cross-entropy of the pretext classifier on every image of the batch."""

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from semiseg.config import ConfigError, ExperimentConfig, check_value, coerce
 from semiseg.methods.base import BuildContext, HParam, Method, MethodParams, declared_hparams
 
-_NOT_METHODS = {"base", "registry", "components", "ema_teacher_base"}
+_NOT_METHODS = {"base", "registry", "components", "ema_teacher_base", "discriminator_base"}
 METHODS: dict[str, type[Method]] = {}
 
 
