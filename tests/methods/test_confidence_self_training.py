@@ -12,6 +12,7 @@ from torch import nn
 
 from semiseg.components.discriminator import PixelDiscriminator
 from semiseg.methods import Progress, build_method
+from tests.methods.stubs import FixedLogits, bce, square_batch
 from semiseg.methods.confidence_self_training import confidence_mask, masked_self_training_loss
 
 SPATIAL = {2: (16, 16), 3: (8, 16, 16)}
@@ -22,38 +23,15 @@ GROUND_TRUTH_SCORES = [1.5, -0.5]
 
 
 def _batch(dims: int, n_labelled: int = 2, n_unlabelled: int = 3) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    spatial = SPATIAL[dims]
-    labels = torch.zeros((n_labelled, *spatial), dtype=torch.long)
-    labels[(slice(None), *(slice(s // 4, 3 * s // 4) for s in spatial))] = 1
-    return {"image_l": labels[:, None].float() + 0.3 * torch.randn((n_labelled, 1, *spatial), generator=generator),
-            "label_l": labels,
-            "image_u": torch.randn((n_unlabelled, 1, *spatial), generator=generator)}
+    return square_batch(SPATIAL[dims], n_labelled, n_unlabelled)
 
 
 def _progress(stage_epoch: float) -> Progress:
     return Progress(step=0, epoch=stage_epoch, max_epochs=30, stage_epoch=stage_epoch)
 
 
-def _bce(logit: float, target: float) -> float:
-    p = 1.0 / (1.0 + math.exp(-logit))
-    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
-
-
-class _FixedLogits(nn.Module):
-    """A stand-in segmenter: ``scale`` times fixed logits (one map per image of the batch)."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = logits
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.logits[:images.shape[0]]
 
 
 class _FixedScores(nn.Module):
@@ -78,7 +56,7 @@ class _FixedScores(nn.Module):
 def _stubbed(tiny_context, params: dict | None = None):
     method = build_method("confidence_self_training", tiny_context(2), {**SMALL, **(params or {})})
     logits = torch.randn((5, 2, 16, 16), generator=torch.Generator().manual_seed(4))
-    method.trained["student"] = _FixedLogits(logits)
+    method.trained["student"] = FixedLogits(logits)
     method.trained["discriminator"] = _FixedScores()
     return method, logits
 
@@ -116,10 +94,10 @@ def test_objectives_against_hand_computations_before_self_training(tiny_context)
     params = {"adversarial_weight": 0.3, "adversarial_weight_unlabelled": 0.2, "semi_start_epoch": 5.0}
     method, logits = _stubbed(tiny_context, params)
     output = method.training_step(_batch(2), _progress(4.0))
-    adv_l = _mean([_bce(v, 1.0) for v in LABELLED_SCORES])
-    adv_u = _mean([_bce(v, 1.0) for v in UNLABELLED_SCORES])
-    disc = 0.5 * (_mean([_bce(v, 1.0) for v in GROUND_TRUTH_SCORES])
-                  + _mean([_bce(v, 0.0) for v in LABELLED_SCORES + UNLABELLED_SCORES]))
+    adv_l = _mean([bce(v, 1.0) for v in LABELLED_SCORES])
+    adv_u = _mean([bce(v, 1.0) for v in UNLABELLED_SCORES])
+    disc = 0.5 * (_mean([bce(v, 1.0) for v in GROUND_TRUTH_SCORES])
+                  + _mean([bce(v, 0.0) for v in LABELLED_SCORES + UNLABELLED_SCORES]))
     assert float(output.logs["loss_adv"]) == pytest.approx(adv_l, rel=1e-6)
     assert float(output.logs["loss_adv_u"]) == pytest.approx(adv_u, rel=1e-6)
     assert float(output.objectives["discriminator"].detach()) == pytest.approx(disc, rel=1e-6)
@@ -224,9 +202,9 @@ def test_without_unlabelled_images_adversarial_training_remains(tiny_context):
     output = method.training_step(batch, _progress(10.0))
     assert set(output.objectives) == {"main", "discriminator"}
     assert output.unsupervised is None
-    expected_main = float(output.logs["loss_sup"]) + 0.3 * _bce(2.0, 1.0)
+    expected_main = float(output.logs["loss_sup"]) + 0.3 * bce(2.0, 1.0)
     assert float(output.objectives["main"].detach()) == pytest.approx(expected_main, rel=1e-6)
-    assert float(output.objectives["discriminator"].detach()) == pytest.approx(0.5 * (_bce(2.0, 1.0) + _bce(2.0, 0.0)))
+    assert float(output.objectives["discriminator"].detach()) == pytest.approx(0.5 * (bce(2.0, 1.0) + bce(2.0, 0.0)))
 
 
 class _FixedScoresLabelledOnly(nn.Module):

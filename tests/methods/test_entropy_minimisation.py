@@ -13,44 +13,22 @@ from torch import nn
 from semiseg.components.discriminator import PixelDiscriminator
 from semiseg.components.entropy import mean_entropy, pixel_entropy, self_information
 from semiseg.methods import Progress, build_method
+from tests.methods.stubs import FixedLogits, bce, square_batch
 
 SPATIAL = {2: (16, 16), 3: (8, 16, 16)}
 ADVERSARIAL = {"adversarial": True, "disc_width": 4, "disc_depth": 2}
 
 
 def _batch(dims: int, n_labelled: int = 2, n_unlabelled: int = 2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    spatial = SPATIAL[dims]
-    labels = torch.zeros((n_labelled, *spatial), dtype=torch.long)
-    labels[(slice(None), *(slice(s // 4, 3 * s // 4) for s in spatial))] = 1
-    return {"image_l": labels[:, None].float() + 0.3 * torch.randn((n_labelled, 1, *spatial), generator=generator),
-            "label_l": labels,
-            "image_u": torch.randn((n_unlabelled, 1, *spatial), generator=generator)}
+    return square_batch(SPATIAL[dims], n_labelled, n_unlabelled)
 
 
 def _progress(stage_epoch: float = 0.0) -> Progress:
     return Progress(step=0, epoch=stage_epoch, max_epochs=10, stage_epoch=stage_epoch)
 
 
-def _bce(logit: float, target: float) -> float:
-    p = 1.0 / (1.0 + math.exp(-logit))
-    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
-
-
 def _entropy(probs: list[float]) -> float:
     return -sum(p * math.log(p) for p in probs if p > 0)
-
-
-class _FixedLogits(nn.Module):
-    """A stand-in segmenter: ``scale`` times fixed logits (one map per image of the batch)."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = logits
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.logits[:images.shape[0]]
 
 
 class _FixedScores(nn.Module):
@@ -140,7 +118,7 @@ def test_direct_form_main_is_supervised_plus_ramped_entropy(tiny_context):
     method = build_method("entropy_minimisation", tiny_context(2, rampup_epochs=10.0),
                           {"entropy_weight": 0.5})
     logits = torch.randn((4, 2, 16, 16), generator=torch.Generator().manual_seed(3))
-    method.trained["student"] = _FixedLogits(logits)
+    method.trained["student"] = FixedLogits(logits)
     output = method.training_step(_batch(2), _progress(stage_epoch=5.0))
     ramp = math.exp(-5 * 0.5 ** 2)
     assert output.logs["cons_weight"] == pytest.approx(0.5 * ramp)
@@ -164,13 +142,13 @@ def test_direct_entropy_term_trains_the_segmenter(dims, tiny_context):
 def test_adversarial_objectives_use_advents_labels(tiny_context):
     method = build_method("entropy_minimisation", tiny_context(2), {**ADVERSARIAL, "adversarial_weight": 0.25})
     logits = torch.randn((5, 2, 16, 16), generator=torch.Generator().manual_seed(4))
-    method.trained["student"] = _FixedLogits(logits)
+    method.trained["student"] = FixedLogits(logits)
     stub = _FixedScores()
     method.trained["discriminator"] = stub
     output = method.training_step(_batch(2, n_labelled=2, n_unlabelled=3), _progress())
-    assert float(output.logs["loss_adv"]) == pytest.approx(_bce(-0.5, 0.0))  # unlabelled made to look labelled (0)
-    assert float(output.objectives["discriminator"].detach()) == pytest.approx(0.5 * (_bce(1.5, 0.0) + _bce(-0.5, 1.0)))
-    expected_main = float(output.logs["loss_sup"]) + 0.25 * _bce(-0.5, 0.0)
+    assert float(output.logs["loss_adv"]) == pytest.approx(bce(-0.5, 0.0))  # unlabelled made to look labelled (0)
+    assert float(output.objectives["discriminator"].detach()) == pytest.approx(0.5 * (bce(1.5, 0.0) + bce(-0.5, 1.0)))
+    expected_main = float(output.logs["loss_sup"]) + 0.25 * bce(-0.5, 0.0)
     assert float(output.objectives["main"].detach()) == pytest.approx(expected_main, rel=1e-6)
     probs = logits.softmax(dim=1)
     expected_maps = -probs * probs.log() / math.log(2)
