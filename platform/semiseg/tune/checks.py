@@ -71,6 +71,8 @@ def check_trained_configs(study: Study, args: StudyArgs, base: dict[str, Any]) -
 
     Searched values come from declared choices and ranges, which are checked where they are
     declared (:class:`semiseg.methods.base.HParam`) or replaced (:func:`semiseg.tune.space.with_range`).
+    A configuration whose pretraining fills the whole trial is allowed (a smoke run of a
+    pretraining method) but warned about once per method: its segmenter never trains on labels.
 
     Raises:
         ConfigError: naming the key, the value and what is allowed.
@@ -80,8 +82,16 @@ def check_trained_configs(study: Study, args: StudyArgs, base: dict[str, Any]) -
         methods += list(study.search_space.methods)
     configs = [base] + [config_for_method(base, method) for method in methods]
     configs += [baseline_config(base, baseline) for baseline in study_baselines(study, args)]
+    warned: set[str] = set()
     for config in configs:
-        check_config(experiment_config(public(config)))
+        cfg = experiment_config(public(config))
+        check_config(cfg)
+        name, pretrain_epochs = cfg.method["name"], cfg.method["pretrain_epochs"]
+        if pretrain_epochs >= cfg.train.max_epochs and name not in warned:
+            warned.add(name)
+            log.warning("%s: method.pretrain_epochs = %d fills all train.max_epochs = %d epochs, so its segmenter "
+                        "never trains on labels; lower method.pretrain_epochs or raise --max-epochs",
+                        name, pretrain_epochs, cfg.train.max_epochs)
 
 
 def check_dataset(base: dict[str, Any], baselines: Sequence[dict[str, Any]] = ()) -> tuple[str, dict[str, str]]:
