@@ -50,7 +50,7 @@ def test_streamed_split_keeps_labels_in_memory_and_streams_the_rest(dataset, tmp
 
     pool = streamed.unlabelled_stream.open(rank=0, world_size=1, seed=0)
     pool.start_epoch(0)
-    drawn = pool.draw(4)
+    drawn = pool.draw(4).images
     assert drawn.shape == (4, 1, 8, 8) and _rows(drawn) <= _rows(memory.unlabelled_images)
     assert pool.peak_rows == 5, "memory is bounded by the buffer"
     assert pool.dataset.rows_read < len(memory.unlabelled_images), "only what the buffer needs is read"
@@ -61,7 +61,7 @@ def test_a_pass_draws_each_row_once_before_repeating(dataset, tmp_path):
     pool = data.unlabelled_stream.open(rank=0, world_size=1, seed=1)
     pool.start_epoch(0)
     total = data.num_unlabelled
-    drawn = [pool.draw(1)[0].tobytes() for _ in range(total - pool.buffer_rows + 1)]
+    drawn = [pool.draw(1).images[0].tobytes() for _ in range(total - pool.buffer_rows + 1)]
     assert len(set(drawn)) == len(drawn), "no row is drawn twice within a pass"
 
 
@@ -69,11 +69,11 @@ def test_epochs_are_reproducible_and_differ(dataset, tmp_path):
     data = prepare_split(dataset, cache_root=tmp_path / "cache", loader="stream", stream_buffer_rows=6, **SPLIT)
     first, second = (data.unlabelled_stream.open(0, 1, seed=3) for _ in range(2))
     first.start_epoch(0)
-    epoch0 = [first.draw(3) for _ in range(5)]
+    epoch0 = [first.draw(3).images for _ in range(5)]
     first.start_epoch(1)
-    epoch1 = [first.draw(3) for _ in range(5)]
+    epoch1 = [first.draw(3).images for _ in range(5)]
     second.start_epoch(1)
-    np.testing.assert_array_equal(np.stack([second.draw(3) for _ in range(5)]), np.stack(epoch1))
+    np.testing.assert_array_equal(np.stack([second.draw(3).images for _ in range(5)]), np.stack(epoch1))
     assert not np.array_equal(np.stack(epoch0), np.stack(epoch1))
 
 

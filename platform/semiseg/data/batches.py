@@ -97,7 +97,7 @@ class MixedBatchSampler:
                  "index_l": torch.from_numpy(idx_l.astype(np.int64)),
                  "position_l": torch.from_numpy(self._positions_l[idx_l])}
         if self._pool is not None:
-            drawn = self._pool.draw_named(self.unlabelled_per_batch)
+            drawn = self._pool.draw(self.unlabelled_per_batch)
             batch.update(image_u=torch.from_numpy(drawn.images), index_u=torch.from_numpy(drawn.indices),
                          position_u=torch.from_numpy(drawn.positions))
         elif self.unlabelled_per_batch > 0 and len(self._unlabelled) > 0:
@@ -111,7 +111,7 @@ class MixedBatchSampler:
         batch = {"image_l": torch.from_numpy(drawn.images), "label_l": torch.from_numpy(drawn.labels).long(),
                  **_named(drawn, self._labelled, "l")}
         if self._pool is not None:
-            volumes = self._pool.draw_named(self.unlabelled_per_batch)
+            volumes = self._pool.draw(self.unlabelled_per_batch)
             drawn_u = PatchSampler(list(volumes.images), None, self.patch_size).draw(len(volumes.images), rng, 0.0)
             batch.update(image_u=torch.from_numpy(drawn_u.images), **_named(drawn_u, volumes.indices, "u"))
         elif self.unlabelled_per_batch > 0 and self._patches_u is not None:

@@ -28,7 +28,7 @@ from semiseg.data.padding import channel_minimum, pad_centred
 
 @dataclass(frozen=True)
 class StreamDraw:
-    """Samples drawn by :meth:`StreamedPool.draw_named` and which rows they are.
+    """Samples drawn by :meth:`StreamedPool.draw` and which rows they are.
 
     Attributes:
         images: ``[count, C, *sample_shape]`` float32.
@@ -106,17 +106,13 @@ class StreamedPool:
         self._buffer = []
         self._rows = self._next_pass()
 
-    def draw(self, count: int) -> np.ndarray:
-        """``count`` samples ``[count, C, *sample_shape]`` float32, each from the buffer.
+    def draw(self, count: int) -> StreamDraw:
+        """``count`` samples (``images`` ``[count, C, *sample_shape]`` float32), each from the buffer, with
+        each sample's index in the whole pool and its relative position.
 
         Distinct buffer slots are drawn (repeats only when ``count`` exceeds the buffer), and
         every drawn slot is refilled with the next streamed row, so within a pass a row is
         drawn at most once until the stream wraps to a new pass in a new order.
-        """
-        return self.draw_named(count).images
-
-    def draw_named(self, count: int) -> StreamDraw:
-        """:meth:`draw` (the same draws) with each sample's index in the whole pool and its relative position.
 
         Raises:
             ValueError: this rank's pool is empty.
