@@ -10,6 +10,7 @@ import pytest
 from semiseg.metrics import (
     ALL_METRICS,
     DEFAULT_EMPTY_POLICY,
+    DISTANCE_METRICS,
     OVERLAP_METRICS,
     SURFACE_METRICS,
     EmptyMaskPolicy,
@@ -33,16 +34,25 @@ def brute_surface_coords(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(surface)
 
 
-def brute_surface_distances(a, b, spacing):
-    """(hd95, asd) from all pairwise distances between the two surfaces."""
+def brute_directed_distances(a, b, spacing):
+    """All nearest-surface distances A->B and B->A from every pair of surface voxels."""
     sp = np.asarray(spacing, dtype=float)
     pa = brute_surface_coords(a) * sp
     pb = brute_surface_coords(b) * sp
     dists = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
-    d_ab = dists.min(axis=1)
-    d_ba = dists.min(axis=0)
-    both = np.concatenate([d_ab, d_ba])
+    return dists.min(axis=1), dists.min(axis=0)
+
+
+def brute_surface_distances(a, b, spacing):
+    """(hd95, asd) from all pairwise distances between the two surfaces."""
+    both = np.concatenate(brute_directed_distances(a, b, spacing))
     return float(np.percentile(both, 95)), float(both.mean())
+
+
+def brute_nsd(a, b, spacing, tolerance):
+    """Normalised surface Dice counted from the brute-force directed distances."""
+    d_ab, d_ba = brute_directed_distances(a, b, spacing)
+    return float(((d_ab <= tolerance).sum() + (d_ba <= tolerance).sum()) / (d_ab.size + d_ba.size))
 
 
 def random_mask(rng: np.random.Generator, shape, p: float) -> np.ndarray:
@@ -53,7 +63,8 @@ def random_mask(rng: np.random.Generator, shape, p: float) -> np.ndarray:
 
 
 def test_metric_name_constants():
-    assert SURFACE_METRICS == ("hd95", "asd")
+    assert DISTANCE_METRICS == ("hd95", "asd")
+    assert SURFACE_METRICS == ("hd95", "asd", "nsd")
     assert OVERLAP_METRICS == (
         "dice", "jaccard", "precision", "recall", "specificity", "accuracy",
     )
@@ -161,6 +172,52 @@ def test_hd95_is_percentile_of_union_not_max_of_directed():
     assert res["asd"] == pytest.approx(union.mean())
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 3.0, 4.5])
+def test_nsd_matches_brute_force_3d(seed, tolerance):
+    rng = np.random.default_rng(200 + seed)
+    shape = (8, 7, 6)
+    spacing = (0.5, 1.0, 3.0)
+    a = random_mask(rng, shape, 0.2)
+    b = random_mask(rng, shape, 0.2)
+    expected = brute_nsd(a, b, spacing, tolerance)
+    res = binary_metrics(a, b, spacing, nsd_tolerance_mm=tolerance)
+    assert res["nsd"] == pytest.approx(expected)
+
+
+def test_nsd_hand_computed_line_and_point():
+    # A: one voxel at column 0 (surface {0}); B: columns 1..9 (surface = all of B, one row).
+    # d(A->B) = [1]; d(B->A) = [1, 2, ..., 9] (spacing 1). Tolerance 2.5: 1 + 2 within -> 3 of 10.
+    a = np.zeros((1, 10), dtype=bool)
+    b = np.zeros((1, 10), dtype=bool)
+    a[0, 0] = True
+    b[0, 1:] = True
+    assert binary_metrics(a, b, (1.0, 1.0), nsd_tolerance_mm=2.5)["nsd"] == pytest.approx(3 / 10)
+    # Spacing 2 along the row doubles the distances: only the distance-2 pair is within 2.5.
+    assert binary_metrics(a, b, (1.0, 2.0), nsd_tolerance_mm=2.5)["nsd"] == pytest.approx(2 / 10)
+    assert binary_metrics(a, b, (1.0, 1.0), nsd_tolerance_mm=100.0)["nsd"] == 1.0
+
+
+def test_nsd_empty_masks():
+    empty = np.zeros((4, 5), dtype=bool)
+    one = empty.copy()
+    one[2, 2] = True
+    assert binary_metrics(empty, empty, (1.0, 1.0))["nsd"] == 1.0
+    assert binary_metrics(one, empty, (1.0, 1.0))["nsd"] == 0.0
+    assert binary_metrics(empty, one, (1.0, 1.0), nsd_tolerance_mm=1e6)["nsd"] == 0.0
+    policy = EmptyMaskPolicy(both_empty_overlap=0.25)
+    assert binary_metrics(empty, empty, (1.0, 1.0), empty_policy=policy)["nsd"] == 0.25
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_nsd_rejects_bad_tolerance(bad):
+    a = np.ones((3, 3), dtype=bool)
+    with pytest.raises(ValueError, match="nsd_tolerance_mm must be finite and >= 0"):
+        binary_metrics(a, a, (1.0, 1.0), nsd_tolerance_mm=bad)
+    with pytest.raises(ValueError, match="nsd_tolerance_mm must be finite and >= 0"):
+        multiclass_metrics(a.astype(int), a.astype(int), (1.0, 1.0), [1], nsd_tolerance_mm=bad)
+
+
 def test_single_voxels_three_apart_with_spacing_two():
     a = np.zeros((7, 5), dtype=bool)
     b = np.zeros((7, 5), dtype=bool)
@@ -208,7 +265,7 @@ def test_identical_masks_have_zero_distance():
 def test_both_empty_is_perfect_agreement():
     empty = np.zeros((4, 5, 6), dtype=bool)
     res = binary_metrics(empty, empty, (1.0, 1.0, 2.0))
-    for k in ("dice", "jaccard", "precision", "recall", "specificity", "accuracy"):
+    for k in ("dice", "jaccard", "precision", "recall", "specificity", "accuracy", "nsd"):
         assert res[k] == 1.0, k
     assert res["hd95"] == 0.0
     assert res["asd"] == 0.0
@@ -318,20 +375,91 @@ def test_multiclass_two_classes():
     assert set(res) == set(ALL_METRICS) | {f"{m}/{c}" for m in ALL_METRICS for c in (1, 2)}
 
 
-def test_multiclass_mean_ignores_nan_classes():
+def test_multiclass_missed_class_makes_distance_mean_nan_but_counts_in_dice():
     target = np.zeros((5, 5), dtype=np.int64)
     pred = np.zeros((5, 5), dtype=np.int64)
     target[1:3, 1:3] = 1
     pred[1:3, 1:3] = 1  # class 1 perfect
     target[4, 4] = 2  # class 2 missed entirely -> hd95 NaN under default policy
     res = multiclass_metrics(pred, target, (1.0, 1.0), class_ids=[1, 2])
-    assert math.isnan(res["hd95/2"])
+    assert math.isnan(res["hd95/2"]) and math.isnan(res["asd/2"])
     assert res["hd95/1"] == 0.0
-    assert res["hd95"] == 0.0  # mean over the non-NaN class only
-    assert res["dice"] == pytest.approx(0.5)
+    assert math.isnan(res["hd95"])  # the miss is not dropped from the case's mean
+    assert math.isnan(res["asd"])
+    assert res["dice/2"] == 0.0
+    assert res["dice"] == pytest.approx(0.5)  # (1 + 0) / 2: the miss counts
+    assert res["nsd/2"] == 0.0
+    assert res["nsd"] == pytest.approx(0.5)
+    assert math.isnan(res["precision/2"])  # nothing predicted: 0 / 0
+    assert res["precision"] == 1.0  # NaN entries of non-distance metrics are ignored
+    assert res["recall"] == pytest.approx(0.5)
 
     res3 = multiclass_metrics(pred, target, (1.0, 1.0), class_ids=[2])
     assert math.isnan(res3["hd95"])  # all classes NaN -> NaN
+
+
+def test_multiclass_false_positive_class_makes_distance_mean_nan():
+    target = np.zeros((6, 6), dtype=np.int64)
+    pred = np.zeros((6, 6), dtype=np.int64)
+    target[0:2, 0:2] = 1
+    pred[0:2, 0:2] = 1
+    pred[5, 5] = 2  # class 2 predicted, absent from the reference
+    res = multiclass_metrics(pred, target, (1.0, 2.0), class_ids=[1, 2])
+    assert res["dice/2"] == 0.0
+    assert math.isnan(res["recall/2"])
+    assert math.isnan(res["hd95"])
+    assert res["dice"] == pytest.approx(0.5)
+
+
+def test_multiclass_max_policy_keeps_the_penalty_in_the_mean():
+    target = np.zeros((4, 5), dtype=np.int64)
+    pred = np.zeros((4, 5), dtype=np.int64)
+    target[0:2, 0:2] = 1
+    pred[0:2, 0:2] = 1
+    target[3, 4] = 2
+    policy = EmptyMaskPolicy(empty_distance="max")
+    res = multiclass_metrics(pred, target, (1.0, 2.0), class_ids=[1, 2], empty_policy=policy)
+    diagonal = math.sqrt(4.0 ** 2 + 10.0 ** 2)
+    assert res["hd95/2"] == pytest.approx(diagonal)
+    assert res["hd95"] == pytest.approx(diagonal / 2)
+
+
+def test_multiclass_class_absent_from_both_is_nan_and_left_out():
+    target = np.zeros((6, 6, 4), dtype=np.int64)
+    pred = np.zeros((6, 6, 4), dtype=np.int64)
+    target[1:3, 1:3, 1] = 1
+    pred[1:3, 1:2, 1] = 1  # class 1: TP 2, FN 2 -> dice 4/6
+    target[4, 4, 2] = 3
+    pred[4, 4, 2] = 3  # class 3 perfect; class 2 absent from both
+    res = multiclass_metrics(pred, target, (1.0, 1.0, 3.0), class_ids=[1, 2, 3])
+    for m in ALL_METRICS:
+        assert math.isnan(res[f"{m}/2"]), m
+    assert res["dice/1"] == pytest.approx(4 / 6)
+    assert res["dice/3"] == 1.0
+    assert res["dice"] == pytest.approx((4 / 6 + 1.0) / 2)  # not (4/6 + 1 + 1) / 3
+    assert res["hd95"] == pytest.approx((res["hd95/1"] + 0.0) / 2)
+    assert res["nsd"] == pytest.approx((res["nsd/1"] + 1.0) / 2)
+    # binary_metrics keeps its both-empty policy
+    assert binary_metrics(pred == 2, target == 2, (1.0, 1.0, 3.0))["dice"] == 1.0
+
+
+def test_multiclass_every_class_absent_gives_nan_means():
+    empty = np.zeros((4, 4, 2), dtype=np.int64)
+    res = multiclass_metrics(empty, empty.copy(), (1.0, 1.0, 2.0), class_ids=[1, 2, 3])
+    for m in ALL_METRICS:
+        assert math.isnan(res[m]), m
+        assert math.isnan(res[f"{m}/1"]), m
+
+
+def test_multiclass_passes_nsd_tolerance_through():
+    target = np.zeros((1, 8), dtype=np.int64)
+    pred = np.zeros((1, 8), dtype=np.int64)
+    target[0, 2] = 1
+    pred[0, 4] = 1  # 2 voxels apart along an axis of spacing 1.5 -> 3 mm
+    strict = multiclass_metrics(pred, target, (1.0, 1.5), class_ids=[1], nsd_tolerance_mm=2.9)
+    loose = multiclass_metrics(pred, target, (1.0, 1.5), class_ids=[1], nsd_tolerance_mm=3.0)
+    assert strict["nsd/1"] == 0.0 and strict["nsd"] == 0.0
+    assert loose["nsd/1"] == 1.0 and loose["nsd"] == 1.0
 
 
 def test_multiclass_rejects_bad_class_ids():
@@ -351,11 +479,22 @@ def test_summarize_ignores_nan_and_counts_it():
     s = summarize(cases)
     assert s["n_cases"] == 3
     assert s["dice"] == pytest.approx(0.5)
-    assert s["dice_std"] == pytest.approx(np.std([0.5, 1.0, 0.0]))
+    # sample std (ddof 1): deviations -0.5, 0.5, 0 -> sqrt(0.5 / 2) = 0.5
+    assert s["dice_std"] == pytest.approx(0.5)
+    assert s["dice_std"] == pytest.approx(np.std([0.5, 1.0, 0.0], ddof=1))
     assert s["dice_nan_cases"] == 0
     assert s["hd95"] == pytest.approx(3.0)
-    assert s["hd95_std"] == pytest.approx(1.0)
+    # two values 2 and 4: sqrt(((-1)^2 + 1^2) / 1) = sqrt(2)
+    assert s["hd95_std"] == pytest.approx(math.sqrt(2.0))
     assert s["hd95_nan_cases"] == 1
+
+
+def test_summarize_std_of_one_value_is_nan():
+    s = summarize([{"dice": 0.7, "hd95": 3.0}, {"dice": float("nan"), "hd95": 5.0}])
+    assert s["dice"] == pytest.approx(0.7)
+    assert math.isnan(s["dice_std"])
+    assert s["dice_nan_cases"] == 1
+    assert s["hd95_std"] == pytest.approx(math.sqrt(2.0))
 
 
 def test_summarize_all_nan_metric():

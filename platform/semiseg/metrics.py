@@ -36,16 +36,28 @@ Surface metrics:
 * ``asd`` is the average symmetric surface distance: the mean of the union of
   both directed distance sets (MedPy's ``assd`` is the mean of the two directed
   means, which differs when the surfaces have different sizes).
+* ``nsd`` is the normalised surface Dice at a tolerance ``tol`` mm (Nikolov et
+  al. 2021, "Clinically applicable segmentation of head and neck anatomy for
+  radiotherapy"; MONAI's ``compute_surface_dice``): the fraction of both
+  surfaces lying within ``tol`` of the other surface,
+  ``(|{a in S_A: d(a, S_B) <= tol}| + |{b in S_B: d(b, S_A) <= tol}|) /
+  (|S_A| + |S_B|)``, from the same surfaces and distance sets as hd95/asd. This
+  is the voxel-surface variant (every boundary voxel counts 1, as in MONAI),
+  not DeepMind's ``surface-distance`` package, which weights surface elements
+  by their area; the two agree closely on smooth shapes, not exactly. The
+  comparison is ``<=`` with no epsilon: a distance of exactly ``tol`` counts.
 
 Empty-mask policy (``EmptyMaskPolicy``; module default ``DEFAULT_EMPTY_POLICY``).
-A metric is never silently set to 0 because a mask is empty:
+A metric is never silently set to 0 because a mask is empty.
+
+``binary_metrics`` (one mask pair, e.g. binary tasks):
 
 * Both pred and target empty (perfect agreement on absence):
-  dice = jaccard = precision = recall = 1.0 and hd95 = asd = 0.0
+  dice = jaccard = precision = recall = nsd = 1.0 and hd95 = asd = 0.0
   (``both_empty_overlap`` and ``both_empty_distance``). Specificity and
   accuracy follow their definitions (both 1.0).
-* Exactly one of pred and target empty: dice = jaccard = 0.0. Precision and
-  recall follow their definitions where defined and are NaN where the
+* Exactly one of pred and target empty: dice = jaccard = nsd = 0.0. Precision
+  and recall follow their definitions where defined and are NaN where the
   denominator is 0 (pred empty -> precision NaN, recall 0.0; target empty ->
   precision 0.0, recall NaN). hd95 and asd are undefined (a distance to an empty
   set): with ``empty_distance="nan"`` (the default) they are NaN; with
@@ -54,8 +66,29 @@ A metric is never silently set to 0 because a mask is empty:
   distance inside the volume, usable as a penalty. They are never 0.
 * specificity is NaN when TN + FP = 0 (the target fills the whole volume).
 
+``multiclass_metrics`` (label maps; what training, validation and
+``semiseg-evaluate`` use) differs from ``binary_metrics`` in two places:
+
+* A class absent from BOTH prediction and reference in a case is NaN for every
+  metric of that class in that case (nnU-Net's policy), not Dice 1: it is left
+  out of the case's mean over classes and out of per-class means over cases,
+  so cases without a structure neither inflate nor deflate its score. When
+  every class of a case is absent from both, the case's over-class means are
+  NaN.
+* A class present in only one of prediction and reference (missed entirely, or
+  predicted where there is none) has dice = jaccard = nsd = 0, which counts in
+  the mean over classes, and hd95 = asd = NaN (under ``empty_distance="nan"``).
+  The case's over-class mean of hd95 and asd is then NaN too, rather than a
+  mean over the remaining classes that would hide the miss; so the case shows
+  up in the ``hd95_nan_cases`` / ``asd_nan_cases`` counts of ``summarize``.
+  (Under ``empty_distance="max"`` the class's penalty distance counts in the
+  mean instead.)
+  The other over-class means (dice, precision, recall, ...) ignore NaN entries
+  (e.g. the precision of a class that was not predicted).
+
 ``summarize`` / ``MetricAccumulator`` aggregate per-case dicts into a mean and
-a standard deviation per metric, ignoring NaN, and count the NaN cases.
+a sample standard deviation (ddof=1) per metric, ignoring NaN, and count the
+NaN cases.
 """
 
 from __future__ import annotations
@@ -71,6 +104,8 @@ from scipy import ndimage
 __all__ = [
     "ALL_METRICS",
     "DEFAULT_EMPTY_POLICY",
+    "DEFAULT_NSD_TOLERANCE_MM",
+    "DISTANCE_METRICS",
     "OVERLAP_METRICS",
     "SURFACE_METRICS",
     "EmptyMaskPolicy",
@@ -81,7 +116,10 @@ __all__ = [
     "volume_diagonal",
 ]
 
-SURFACE_METRICS: tuple[str, ...] = ("hd95", "asd")
+DISTANCE_METRICS: tuple[str, ...] = ("hd95", "asd")
+"""Surface metrics that are distances in mm (undefined when one mask is empty)."""
+SURFACE_METRICS: tuple[str, ...] = DISTANCE_METRICS + ("nsd",)
+"""Metrics computed from the two surfaces: the distances and the normalised surface Dice."""
 OVERLAP_METRICS: tuple[str, ...] = (
     "dice",
     "jaccard",
@@ -91,6 +129,9 @@ OVERLAP_METRICS: tuple[str, ...] = (
     "accuracy",
 )
 ALL_METRICS: tuple[str, ...] = OVERLAP_METRICS + SURFACE_METRICS
+
+DEFAULT_NSD_TOLERANCE_MM = 1.0
+"""Default tolerance of the normalised surface Dice, in mm."""
 
 _EMPTY_DISTANCE_CHOICES = ("nan", "max")
 
@@ -104,8 +145,9 @@ class EmptyMaskPolicy:
             (default): NaN, the distance to an empty set is undefined.
             ``"max"``: the diagonal of the volume's physical extent in mm
             (see ``volume_diagonal``), a worst-case penalty.
-        both_empty_overlap: dice, jaccard, precision and recall when both
-            masks are empty.
+        both_empty_overlap: dice, jaccard, precision, recall and nsd when both
+            masks are empty (``binary_metrics`` only: ``multiclass_metrics``
+            makes a class absent from both NaN).
         both_empty_distance: hd95 and asd when both masks are empty.
     """
 
@@ -198,6 +240,14 @@ def _directed_surface_distances(
     return dist_to_t[surf_p], dist_to_p[surf_t]
 
 
+def _validate_tolerance(tolerance_mm: float) -> float:
+    """Return the NSD tolerance as a float after checking it is finite and >= 0."""
+    value = float(tolerance_mm)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"nsd_tolerance_mm must be finite and >= 0, got {tolerance_mm!r}")
+    return value
+
+
 def _ratio(num: float, den: float) -> float:
     """num / den, NaN when den is 0."""
     return float(num) / float(den) if den > 0 else math.nan
@@ -209,6 +259,7 @@ def binary_metrics(
     spacing: Sequence[float],
     *,
     empty_policy: EmptyMaskPolicy = DEFAULT_EMPTY_POLICY,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
 ) -> dict[str, float]:
     """All metrics in ``ALL_METRICS`` for one binary case.
 
@@ -218,6 +269,8 @@ def binary_metrics(
         spacing: Voxel size per axis in mm, length ``pred.ndim``, all > 0.
         empty_policy: Values used when one or both masks are empty (see the
             module docstring).
+        nsd_tolerance_mm: Tolerance of the normalised surface Dice ``nsd``,
+            in the unit of ``spacing``.
 
     Returns:
         Dict mapping each name in ``ALL_METRICS`` to a float (possibly NaN).
@@ -225,8 +278,8 @@ def binary_metrics(
 
     Raises:
         ValueError: If the shapes differ, the arrays are empty (size 0), the
-            masks are not binary, or ``spacing`` has the wrong length or a
-            non-positive value.
+            masks are not binary, ``spacing`` has the wrong length or a
+            non-positive value, or the tolerance is negative or not finite.
     """
     pred_arr = np.asarray(pred)
     target_arr = np.asarray(target)
@@ -237,6 +290,7 @@ def binary_metrics(
     if pred_arr.ndim == 0 or pred_arr.size == 0:
         raise ValueError(f"masks must have ndim >= 1 and size > 0, got shape {pred_arr.shape}")
     sp = _validate_spacing(spacing, pred_arr.ndim)
+    tolerance = _validate_tolerance(nsd_tolerance_mm)
     p = _as_binary(pred_arr, "pred")
     t = _as_binary(target_arr, "target")
 
@@ -261,18 +315,22 @@ def binary_metrics(
         for key in ("dice", "jaccard", "precision", "recall"):
             out[key] = float(empty_policy.both_empty_overlap)
         hd95 = asd = float(empty_policy.both_empty_distance)
+        nsd = float(empty_policy.both_empty_overlap)
     elif n_pred == 0 or n_target == 0:
         if empty_policy.empty_distance == "max":
             hd95 = asd = volume_diagonal(p.shape, sp)
         else:
             hd95 = asd = math.nan
+        nsd = 0.0
     else:
         d_pt, d_tp = _directed_surface_distances(p, t, sp)
         both = np.concatenate([d_pt, d_tp])
         hd95 = float(np.percentile(both, 95))
         asd = float(both.mean())
+        nsd = float(np.count_nonzero(both <= tolerance)) / both.size
     out["hd95"] = hd95
     out["asd"] = asd
+    out["nsd"] = nsd
     return out
 
 
@@ -289,11 +347,14 @@ def multiclass_metrics(
     class_ids: Iterable[int],
     *,
     empty_policy: EmptyMaskPolicy = DEFAULT_EMPTY_POLICY,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
 ) -> dict[str, float]:
     """Per-class and class-mean metrics for one case of integer label maps.
 
     Each class ``c`` in ``class_ids`` is evaluated one-vs-rest with
-    ``binary_metrics(pred_labels == c, target_labels == c, ...)``.
+    ``binary_metrics(pred_labels == c, target_labels == c, ...)``, except that
+    a class absent from both maps is NaN for every metric (see the module
+    docstring's empty-mask policy).
 
     Args:
         pred_labels: Predicted label map (integers), any ndim >= 1.
@@ -301,16 +362,21 @@ def multiclass_metrics(
         spacing: Voxel size per axis in mm, length ``pred_labels.ndim``.
         class_ids: Foreground class ids to evaluate (normally excluding the
             background 0); at least one, no duplicates.
-        empty_policy: Passed to ``binary_metrics`` for every class.
+        empty_policy: Passed to ``binary_metrics`` for every class (its
+            ``both_empty_*`` values are not used here).
+        nsd_tolerance_mm: Tolerance of the normalised surface Dice, in mm.
 
     Returns:
         Dict with ``"<metric>/<class_id>"`` for every metric in ``ALL_METRICS``
-        and class, plus ``"<metric>"``: the mean over classes ignoring NaN
-        entries (NaN if every class is NaN).
+        and class, plus ``"<metric>"``: the mean over classes. For the
+        distance metrics (``DISTANCE_METRICS``) that mean is NaN when any class
+        present in the case has a NaN distance (a class missed entirely);
+        for the other metrics NaN entries are ignored. Every mean is NaN when
+        no class is present in the case.
 
     Raises:
-        ValueError: If the shapes differ, ``spacing`` is invalid, or
-            ``class_ids`` is empty or has duplicates.
+        ValueError: If the shapes differ, ``spacing`` or the tolerance is
+            invalid, or ``class_ids`` is empty or has duplicates.
     """
     pred_arr = np.asarray(pred_labels)
     target_arr = np.asarray(target_labels)
@@ -319,23 +385,38 @@ def multiclass_metrics(
             f"pred_labels shape {pred_arr.shape} does not match "
             f"target_labels shape {target_arr.shape}"
         )
+    if pred_arr.ndim == 0 or pred_arr.size == 0:
+        raise ValueError(f"label maps must have ndim >= 1 and size > 0, got shape {pred_arr.shape}")
     ids = [int(c) for c in class_ids]
     if not ids:
         raise ValueError("class_ids must contain at least one class id")
     if len(set(ids)) != len(ids):
         raise ValueError(f"class_ids contains duplicates: {ids}")
+    _validate_spacing(spacing, pred_arr.ndim)
+    _validate_tolerance(nsd_tolerance_mm)
 
     out: dict[str, float] = {}
     per_metric: dict[str, list[float]] = {m: [] for m in ALL_METRICS}
     for c in ids:
-        res = binary_metrics(
-            pred_arr == c, target_arr == c, spacing, empty_policy=empty_policy
-        )
+        pred_c = pred_arr == c
+        target_c = target_arr == c
+        if pred_c.any() or target_c.any():
+            res = binary_metrics(
+                pred_c, target_c, spacing,
+                empty_policy=empty_policy, nsd_tolerance_mm=nsd_tolerance_mm,
+            )
+            for m in ALL_METRICS:
+                per_metric[m].append(res[m])
+        else:
+            res = {m: math.nan for m in ALL_METRICS}
         for m in ALL_METRICS:
             out[f"{m}/{c}"] = res[m]
-            per_metric[m].append(res[m])
     for m in ALL_METRICS:
-        out[m] = _nanmean(per_metric[m])
+        values = per_metric[m]
+        if m in DISTANCE_METRICS and any(math.isnan(v) for v in values):
+            out[m] = math.nan
+        else:
+            out[m] = _nanmean(values)
     return out
 
 
@@ -344,8 +425,8 @@ def summarize(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
     For every metric key appearing in any case (in order of first
     appearance), the result holds ``key`` (mean over non-NaN cases),
-    ``key + "_std"`` (population standard deviation, ddof=0, over non-NaN
-    cases) and ``key + "_nan_cases"`` (number of cases where the value is NaN
+    ``key + "_std"`` (sample standard deviation, ddof=1, over non-NaN cases;
+    NaN when fewer than two cases have a value) and ``key + "_nan_cases"`` (number of cases where the value is NaN
     or the key is missing). Mean and std are NaN when no case has a value.
     ``"n_cases"`` is the number of cases.
 
@@ -365,7 +446,7 @@ def summarize(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]:
         values = np.array([float(case.get(k, math.nan)) for case in per_case])
         valid = values[~np.isnan(values)]
         out[k] = float(valid.mean()) if valid.size else math.nan
-        out[f"{k}_std"] = float(valid.std()) if valid.size else math.nan
+        out[f"{k}_std"] = float(valid.std(ddof=1)) if valid.size > 1 else math.nan
         out[f"{k}_nan_cases"] = int(values.size - valid.size)
     return out
 
