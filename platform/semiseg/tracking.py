@@ -36,7 +36,8 @@ METRIC_VAL_DICE = "val/dice"
 METRIC_VAL_DICE_BEST = "val/dice_best"
 METRIC_VAL_HD95 = "val/hd95"
 METRIC_TEST_DICE = "test/dice"
-LOGGED_METRIC_PREFIXES = ("train/", "val/", "test/", "time/")
+LOGGED_METRIC_PREFIXES = ("train/", "val/", "test/", "time/", "val_postprocessed/", "test_postprocessed/",
+                          "postprocessing/")
 LOGGED_METRIC_KEYS = (METRIC_EPOCH, METRIC_DIVERGED, "best_epoch")
 
 TAG_STUDY = "semiseg.study"
@@ -459,9 +460,9 @@ class Tracker:
 
         self._guard("log an artifact", log)
 
-    def log_file(self, run_id: str, path: Path) -> None:
-        """Store the file ``path`` as an artifact of the run."""
-        self._guard("log an artifact", lambda: self.client.log_artifact(run_id, str(path)))
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        """Store the file ``path`` as an artifact of the run (under the folder ``artifact_path`` when given)."""
+        self._guard("log an artifact", lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED, FAILED or KILLED."""

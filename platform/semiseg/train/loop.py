@@ -87,7 +87,9 @@ def run_training(config: Mapping[str, Any], session: Session | None = None) -> L
         metrics.update({METRIC_EPOCH: state.epoch, METRIC_DIVERGED: float(state.diverged),
                         METRIC_VAL_DICE_BEST: max(state.best_dice, 0.0), "best_epoch": state.best_epoch})
         if state.epoch == cfg.train.max_epochs and cfg.train.evaluate_test and not state.diverged:
-            metrics.update(evaluate_test_set(cfg, method, data, state, session, device))
+            test = evaluate_test_set(cfg, method, data, state, session, device)
+            metrics.update(test.metrics)
+            spec["postprocessing"] = test.spec_entry()
         state.history.append(metrics)
         _report(session, metrics, method, optimizers, scaler, state, spec)
     return state
