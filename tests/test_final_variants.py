@@ -49,3 +49,17 @@ def test_without_final_seeds_the_baselines_run_once_with_the_search_seed():
     base = experiment_config({"method.name": "mean_teacher"}).to_flat()
     variants = final_variants(study, base, [], final_seeds=0, args=parse_args("s", "", ["--seed", "7"]))
     assert [(v["method.name"], v["train.seed"]) for v in variants] == [("supervised", 7)]
+
+
+def test_final_splits_run_every_configuration_on_each_split_with_each_seed():
+    study = Study(name="s", description="", methods={"mean_teacher": ["ema_decay"]},
+                  baselines=({"method.name": "supervised"},))
+    base = experiment_config({"method.name": "mean_teacher"}).to_flat()
+    rows = [TrialRow("a", "search", "mean_teacher", {}, 30, 0.8, 20, 0.7, "completed",
+                     config={**config_for_method(base, "mean_teacher"), "method.ema_decay": 0.95})]
+    variants = final_variants(study, base, rows, final_seeds=2, args=parse_args("s", "", ["--seed", "0"]),
+                              final_splits=3)
+    described = sorted((v["method.name"], v["data.split"], v["train.seed"]) for v in variants)
+    assert described == sorted((method, split, seed) for method in ("mean_teacher", "supervised")
+                               for split in range(3) for seed in (1, 2))
+    assert {v["method.ema_decay"] for v in variants if v["method.name"] == "mean_teacher"} == {0.95}

@@ -25,7 +25,8 @@ layer modules                                               why there
                                                             them may reach methods, train or tune
 2     ``methods``, ``models``, ``data``                     what a trial is made of
 3     ``train``                                             one trial
-4     ``tune``                                              a study of trials
+4     ``tune``, ``inference``                               a study of trials; segmentations and scores
+                                                            of new scans from a study's models
 5     the study scripts (``studies/*.py``, outside the      nothing in the library imports them
       library)
 ===== ===================================================== ==========================================
@@ -48,9 +49,10 @@ LAYERS: dict[str, int] = {
     "semiseg": 0, "semiseg.config": 0,
     "semiseg.components": 1, "semiseg.augment": 1, "semiseg.losses": 1, "semiseg.metrics": 1,
     "semiseg.schedules": 1, "semiseg.tracking": 1, "semiseg.report": 1,
+    "semiseg.postprocess": 1,
     "semiseg.methods": 2, "semiseg.models": 2, "semiseg.data": 2,
     "semiseg.train": 3,
-    "semiseg.tune": 4,
+    "semiseg.tune": 4, "semiseg.inference": 4,
 }
 """Module or package → layer (a package's entry covers everything under it; the longest prefix wins)."""
 

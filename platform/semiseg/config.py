@@ -118,6 +118,10 @@ class DataConfig:
     time; ``auto`` streams when the unlabelled samples exceed ``memory_budget_mb``.
     ``allow_absent_labels``: accept (with a warning) labels declared in ``dataset.json`` that
     occur in no label file, which the study otherwise refuses (they would train to Dice 0).
+    ``split``: which split of the cases to train on: draw ``split`` of
+    :func:`semiseg.data.splits.select_split` (0 is the one ``split_seed`` draws; every draw
+    keeps the same test cases), or entry ``split`` of ``splits_file``, an nnU-Net
+    ``splits_final.json`` (``train``/``val`` lists, optionally ``test``/``unlabelled``).
     """
 
     dataset: str = "phantom"
@@ -143,6 +147,8 @@ class DataConfig:
     memory_budget_mb: float = 2048.0
     stream_buffer_rows: int = 256
     allow_absent_labels: bool = False
+    splits_file: str = ""
+    split: int = 0
 
 
 @dataclass
@@ -207,6 +213,7 @@ SETTING_BOUNDS: dict[str, Bounds] = {
     "data.num_validation": AT_LEAST_ONE,
     "data.num_test": NON_NEGATIVE,
     "data.split_seed": NON_NEGATIVE,
+    "data.split": NON_NEGATIVE,
     "data.memory_budget_mb": POSITIVE,
     "data.stream_buffer_rows": AT_LEAST_ONE,
     "model.depth": Bounds(1.0, 8.0),

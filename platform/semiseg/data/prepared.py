@@ -27,7 +27,7 @@ from semiseg.data.dataset import DatasetLayout
 from semiseg.data.formats import read_dataset
 from semiseg.data.padding import channel_minimum, pad_centred
 from semiseg.data.preprocess import PreprocessedCase, PreprocessSettings, normalise, preprocess_case
-from semiseg.data.splits import Split, make_split
+from semiseg.data.splits import Split, select_split
 from semiseg.data.stream import LazyCases, StreamSpec, unlabelled_bytes
 from semiseg.data.validation import load_case
 
@@ -68,6 +68,9 @@ class PreparedData:
             (``slice_index / (slices - 1)``, 0 for a single slice; Chaitanya et al.'s partitions
             of a volume), 0.5 for a 3D volume (its centre). None (the default) reads as zeros;
             :meth:`positions` fills it in. The streamed pool names its rows' positions itself.
+        labels: label name to class id, as ``dataset.json`` declares them.
+        preprocessing: the settings the cases were preprocessed with (what a prediction of a
+            new scan must repeat), or None where unknown.
     """
 
     labelled_images: np.ndarray
@@ -82,6 +85,14 @@ class PreparedData:
     training_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     labelled_positions: np.ndarray | None = None
     unlabelled_positions: np.ndarray | None = None
+    labels: dict[str, int] = dataclasses.field(default_factory=dict)
+    preprocessing: PreprocessSettings | None = None
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Class id to its name in ``dataset.json`` (the id as text where none is declared)."""
+        names = {int(value): str(name) for name, value in self.labels.items()}
+        return {class_id: names.get(class_id, str(class_id)) for class_id in self.class_ids}
 
     def positions(self, role: str) -> np.ndarray:
         """``labelled_positions`` or ``unlabelled_positions`` (``role`` ``labelled``/``unlabelled``), zeros when unset.
@@ -147,7 +158,7 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
                   split_seed: int, dims: int, cache_root: str | Path | None = None,
                   settings: PreprocessSettings | None = None, progress: Progress | None = None,
                   loader: str = "memory", memory_budget_mb: float = 2048.0,
-                  stream_buffer_rows: int = 256) -> PreparedData:
+                  stream_buffer_rows: int = 256, split_index: int = 0, splits_file: str = "") -> PreparedData:
     """Split ``layout`` by case and load every role, preprocessed.
 
     Training samples of different in-plane (2D) or volume (3D) shapes are padded
@@ -170,6 +181,8 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
             samples would take more than ``memory_budget_mb``. Streaming needs ``cache_root``.
         memory_budget_mb: the ``auto`` threshold.
         stream_buffer_rows: unlabelled samples held at once per worker when streaming.
+        split_index: which split (:func:`semiseg.data.splits.select_split`; 0 is the seed's split).
+        splits_file: a ``splits_final.json`` to take the split from, or "" to draw it.
 
     Returns:
         The prepared arrays; ``EvalCase.spacing`` is the preprocessed spacing in mm.
@@ -179,8 +192,9 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
     """
     if dims not in (2, 3):
         raise DatasetError.single("data.dims", f"must be 2 or 3, got {dims}")
-    split = make_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=num_labelled,
-                       num_validation=num_validation, num_test=num_test, seed=split_seed)
+    split = select_split(layout.labelled_ids, layout.unlabelled_ids, num_labelled=num_labelled,
+                         num_validation=num_validation, num_test=num_test, seed=split_seed, index=split_index,
+                         splits_file=splits_file)
     settings = dataclasses.replace(settings or PreprocessSettings(), dims=dims)
     _check_loader(loader)
     if cache_root is not None:
@@ -191,12 +205,13 @@ def prepare_split(layout: DatasetLayout, *, num_labelled: int, num_validation: i
 
     def load(case_ids: Sequence[str]) -> list[PreprocessedCase]:
         return [_preprocess_in_memory(layout, case_id, settings) for case_id in case_ids]
-    return _loaded_split(load, split, dims, tuple(layout.class_ids), layout.num_channels)
+    return _loaded_split(load, split, dims, tuple(layout.class_ids), layout.num_channels, dict(layout.labels),
+                         settings)
 
 
 def prepare_cached_split(dataset: CachedDataset, *, num_labelled: int, num_validation: int, num_test: int,
                          split_seed: int, loader: str = "memory", memory_budget_mb: float = 2048.0,
-                         stream_buffer_rows: int = 256) -> PreparedData:
+                         stream_buffer_rows: int = 256, split_index: int = 0, splits_file: str = "") -> PreparedData:
     """Split a built cache by case and load every role, without reading the dataset folder.
 
     What :func:`prepare_split` does with ``cache_root`` once the cache is built: the cases,
@@ -207,7 +222,7 @@ def prepare_cached_split(dataset: CachedDataset, *, num_labelled: int, num_valid
     Args:
         dataset: A complete cache (e.g. the one the study driver built and handed over).
         num_labelled, num_validation, num_test, split_seed, loader, memory_budget_mb,
-            stream_buffer_rows: as for :func:`prepare_split`.
+            stream_buffer_rows, split_index, splits_file: as for :func:`prepare_split`.
 
     Returns:
         The prepared arrays, the same as :func:`prepare_split` gives for the cache's dataset.
@@ -216,8 +231,9 @@ def prepare_cached_split(dataset: CachedDataset, *, num_labelled: int, num_valid
         DatasetError: the budget exceeds the labelled cases, a bad loader, or a cache
             whose rows do not match its manifest.
     """
-    split = make_split(dataset.labelled_ids, dataset.unlabelled_ids, num_labelled=num_labelled,
-                       num_validation=num_validation, num_test=num_test, seed=split_seed)
+    split = select_split(dataset.labelled_ids, dataset.unlabelled_ids, num_labelled=num_labelled,
+                         num_validation=num_validation, num_test=num_test, seed=split_seed, index=split_index,
+                         splits_file=splits_file)
     _check_loader(loader)
     return _split_from_cache(dataset, split, dataset.settings.dims, loader, memory_budget_mb, stream_buffer_rows)
 
@@ -233,11 +249,13 @@ def _split_from_cache(dataset: CachedDataset, split: Split, dims: int, loader: s
     if loader == "stream" or (
             loader == "auto" and unlabelled_bytes(dataset, split.unlabelled) > memory_budget_mb * 1024 ** 2):
         return _streamed_split(split, dims, dataset, stream_buffer_rows)
-    return _loaded_split(dataset.read_cases, split, dims, dataset.class_ids, dataset.num_channels)
+    return _loaded_split(dataset.read_cases, split, dims, dataset.class_ids, dataset.num_channels,
+                         dict(dataset.manifest["labels"]), dataset.settings)
 
 
 def _loaded_split(load: Callable[[Sequence[str]], list[PreprocessedCase]], split: Split, dims: int,
-                  class_ids: tuple[int, ...], in_channels: int) -> PreparedData:
+                  class_ids: tuple[int, ...], in_channels: int, labels: dict[str, int],
+                  settings: PreprocessSettings) -> PreparedData:
     """Every role of ``split`` in memory, its cases read by ``load``."""
     labelled = load(split.labelled)
     unlabelled = load(split.unlabelled)
@@ -251,7 +269,8 @@ def _loaded_split(load: Callable[[Sequence[str]], list[PreprocessedCase]], split
                         evaluation["test"], class_ids, in_channels, split,
                         training_spacing=median_spacing(labelled),
                         labelled_positions=sample_positions([c.image for c in labelled], dims),
-                        unlabelled_positions=sample_positions([c.image for c in unlabelled], dims))
+                        unlabelled_positions=sample_positions([c.image for c in unlabelled], dims),
+                        labels=labels, preprocessing=settings)
 
 
 def _streamed_split(split: Split, dims: int, dataset: CachedDataset, buffer_rows: int) -> PreparedData:
@@ -267,7 +286,8 @@ def _streamed_split(split: Split, dims: int, dataset: CachedDataset, buffer_rows
     return PreparedData(images, labels.astype(np.int64), empty, LazyCases(dataset, split.validation, _eval_case),
                         LazyCases(dataset, split.test, _eval_case), dataset.class_ids, dataset.num_channels,
                         split, unlabelled_stream=stream, training_spacing=median_spacing(labelled),
-                        labelled_positions=sample_positions([c.image for c in labelled], dims))
+                        labelled_positions=sample_positions([c.image for c in labelled], dims),
+                        labels=dict(dataset.manifest["labels"]), preprocessing=dataset.settings)
 
 
 def median_spacing(cases: Sequence[PreprocessedCase]) -> tuple[float, float, float]:

@@ -162,7 +162,8 @@ def configured_split(data: DataConfig, handover: Mapping[str, Any] | None = None
     """
     split = {"num_labelled": data.num_labelled, "num_validation": data.num_validation,
              "num_test": data.num_test, "split_seed": data.split_seed, "loader": data.loader,
-             "memory_budget_mb": data.memory_budget_mb, "stream_buffer_rows": data.stream_buffer_rows}
+             "memory_budget_mb": data.memory_budget_mb, "stream_buffer_rows": data.stream_buffer_rows,
+             "split_index": data.split, "splits_file": data.splits_file}
     dataset = open_handover(data, handover)
     if dataset is not None:
         return prepare_cached_split(dataset, **split)

@@ -50,10 +50,21 @@ def batch_sampler(cfg: ExperimentConfig, data: PreparedData, method: Method, ran
 
 
 def model_spec(cfg: ExperimentConfig, data: PreparedData, method: Method) -> dict[str, Any]:
-    """What rebuilds the evaluation network from a checkpoint (saved with it, read by the model registry
-    through :func:`semiseg.models.evaluation.build_evaluation_network`)."""
+    """What rebuilds the evaluation network from a checkpoint and predicts new scans with it (saved with
+    the checkpoint; read by :func:`semiseg.models.evaluation.build_evaluation_network` and ``semiseg-predict``).
+
+    Besides the network: the labels (name to class id), the preprocessing the cases went through
+    (a new scan must go through the same), and the inference settings of validation (3D patch
+    size and overlap of the sliding windows). The loop adds the post-processing chosen on
+    validation at the end of training.
+    """
+    preprocessing = data.preprocessing.to_dict() if data.preprocessing is not None else None
+    patch = patch_size(cfg)
     return {"dims": cfg.data.dims, "in_channels": data.in_channels, "num_classes": data.num_classes,
-            "model": dict(vars(cfg.model)), "class_ids": list(data.class_ids), **method.eval_model_spec()}
+            "model": dict(vars(cfg.model)), "class_ids": list(data.class_ids), **method.eval_model_spec(),
+            "labels": {name: int(value) for name, value in data.labels.items()},
+            "preprocessing": preprocessing, "patch_size": list(patch) if patch else None,
+            "overlap": float(cfg.train.val_overlap)}
 
 
 def patch_size(cfg: ExperimentConfig) -> tuple[int, int, int] | None:

@@ -12,7 +12,7 @@ from semiseg.config import ConfigError
 from semiseg.data.cache import CachedDataset, absent_label_problem
 from semiseg.data.errors import DatasetError
 from semiseg.data.source import PHANTOM, dataset_handover, prepare_cache, resolve_dataset
-from semiseg.data.splits import make_split
+from semiseg.data.splits import Split, configured_test_cases, draw_splits, make_split, read_splits
 from semiseg.data.validation import validate_layout
 from semiseg.methods.registry import experiment_config
 from semiseg.train.checks import check_config
@@ -124,3 +124,39 @@ def check_dataset(base: dict[str, Any], baselines: Sequence[dict[str, Any]] = ()
     if absent is not None:
         log.warning("warning: %s: %s (accepted: data.allow_absent_labels)", *absent)
     return layout.name, dataset_handover(cfg.data, info)
+
+
+def check_splits(base: dict[str, Any], handover: dict[str, str], baselines: Sequence[dict[str, Any]] = (),
+                 final_splits: int | None = None) -> list[Split]:
+    """The splits of the final phase, checked against the prepared dataset's cases before Ray starts.
+
+    With ``data.splits_file`` (``--splits``), its entries (the first ``final_splits`` of them);
+    otherwise ``final_splits`` draws (:func:`semiseg.data.splits.draw_splits`, default 1),
+    each checked for every labelled budget the study trains (a baseline may train on another
+    budget than the base).
+
+    Returns:
+        The splits of the base configuration's budget (what the study writes as ``splits_final.json``).
+
+    Raises:
+        DatasetError: naming the splits file, the split and the problem; or asking for more
+            splits than the file holds.
+    """
+    cfg = experiment_config(base)
+    dataset = CachedDataset(handover["cache"])
+    labelled, unlabelled = dataset.labelled_ids, dataset.unlabelled_ids
+    if cfg.data.splits_file:
+        default_test = configured_test_cases(labelled, cfg.data.num_test, cfg.data.split_seed)
+        available = read_splits(cfg.data.splits_file, labelled, unlabelled, default_test=default_test)
+        count = len(available) if final_splits is None else final_splits
+        if count > len(available):
+            raise DatasetError([(cfg.data.splits_file, f"has {len(available)} split(s); --final-splits asked for "
+                                                       f"{count}")])
+        return available[:count]
+    count = 1 if final_splits is None else final_splits
+    budgets = sorted({cfg.data.num_labelled} | {int(b["data.num_labelled"]) for b in baselines
+                                                 if "data.num_labelled" in b})
+    drawn = {budget: draw_splits(labelled, unlabelled, count=count, num_labelled=budget,
+                                 num_validation=cfg.data.num_validation, num_test=cfg.data.num_test,
+                                 seed=cfg.data.split_seed) for budget in budgets}
+    return drawn[cfg.data.num_labelled]

@@ -33,6 +33,8 @@ class StudyArgs:
     final_seeds: int | None = None
     methods: tuple[str, ...] = ()
     ranges: tuple[tuple[str, float, float], ...] = ()
+    final_splits: int | None = None
+    splits_file: str = ""
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -71,6 +73,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--skip-baselines", action="store_true", help="run the search only")
     parser.add_argument("--final-seeds", type=int, default=None,
                         help="seeds of the final re-runs (study default if unset; 0: no re-runs of the searched best)")
+    parser.add_argument("--final-splits", type=int, default=None, metavar="K",
+                        help="run the final phase on K draws of which cases are labelled and validate (the same "
+                             "test cases; each with the final seeds); paired tests pair by split and seed "
+                             "(default 1, or every split of --splits)")
+    parser.add_argument("--splits", dest="splits_file", default="", metavar="FILE",
+                        help="nnU-Net splits_final.json: per split the labelled cases ('train') and validation "
+                             "cases ('val'), optionally 'test' and 'unlabelled'; the search trains on the first")
     parser.add_argument("--methods", default=None, metavar="NAME[,NAME...]",
                         help="run only these of the study's methods (its baselines still run)")
     return parser
@@ -99,6 +108,8 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
             parser.error(f"{flag} must be >= 1")
     if ns.final_seeds is not None and ns.final_seeds < 0:
         parser.error("--final-seeds must be >= 0")
+    if ns.final_splits is not None and ns.final_splits < 1:
+        parser.error("--final-splits must be >= 1")
     if ns.workers_per_trial < 1 or ns.cpus_per_worker < 1 or ns.gpus_per_worker < 0:
         parser.error("--workers-per-trial and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
     storage = ns.storage_path if is_uri(ns.storage_path) else str(Path(ns.storage_path).expanduser().resolve())
@@ -113,7 +124,8 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
                      resume=ns.resume, smoke=ns.smoke, seed=ns.seed, address=ns.address,
                      overrides=overrides, skip_baselines=ns.skip_baselines, final_seeds=ns.final_seeds,
                      methods=tuple(name.strip() for name in (ns.methods or "").split(",") if name.strip()),
-                     ranges=ranges)
+                     ranges=ranges, final_splits=ns.final_splits,
+                     splits_file=str(Path(ns.splits_file).expanduser().resolve()) if ns.splits_file else "")
 
 
 def check_paths(args: StudyArgs) -> None:

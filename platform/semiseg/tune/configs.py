@@ -36,6 +36,8 @@ def resolve_base_config(study: Study, args: StudyArgs) -> dict[str, Any]:
     flat["data.dataset"] = args.dataset if args.dataset == PHANTOM else str(Path(args.dataset).expanduser().resolve())
     flat["train.seed"] = args.seed
     flat["data.split_seed"] = args.seed
+    if args.splits_file:
+        flat["data.splits_file"] = args.splits_file
     flat["train.threads"] = args.cpus_per_worker
     flat["train.amp"] = flat.get("train.amp", args.gpus_per_worker > 0)
     if args.max_epochs is not None:

@@ -15,7 +15,7 @@ import torch
 import semiseg
 from semiseg.models.evaluation import build_evaluation_network
 from semiseg.tracking import TAG_PHASE, TAG_TRIAL_ID, Tracker, quiet_run_links, scrub
-from semiseg.train.contract import CHECKPOINT_FILE
+from semiseg.tune.model_export import read_checkpoint_model
 from semiseg.tune.results import TrialRow
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,7 @@ def load_best_model(row: TrialRow) -> tuple[torch.nn.Module, np.ndarray]:
     Raises:
         ValueError: the checkpoint has no best model or model description.
     """
-    from ray.tune import Checkpoint
-
-    with Checkpoint(row.checkpoint).as_directory() as folder:
-        payload = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True)
-    spec, state = payload.get("model_spec"), payload.get("best_eval_state")
-    if spec is None or state is None:
-        raise ValueError(f"checkpoint {row.checkpoint} holds no best model")
+    spec, state = read_checkpoint_model(row.checkpoint)
     model_cfg = spec["model"]
     network = build_evaluation_network(spec)
     network.load_state_dict(state)

@@ -268,8 +268,12 @@ def final_phase_seeds(search_seed: int, final_seeds: int) -> list[int]:
 
 
 def final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], final_seeds: int,
-                   args: StudyArgs) -> list[dict[str, Any]]:
-    """Configurations of the final phase: each search's top-k and every baseline, per seed.
+                   args: StudyArgs, final_splits: int = 1) -> list[dict[str, Any]]:
+    """Configurations of the final phase: each search's top-k and every baseline, per split and seed.
+
+    With ``final_splits`` > 1 every configuration also runs on splits 1 … K−1 (``data.split``:
+    other draws of which cases are labelled and validate, or the entries of ``--splits``), each
+    with every final seed; split 0 is the one the search trained on.
 
     A baseline equal to a searched best (e.g. a protocol with the default value the search
     found best) runs once: a repeated identical trial would count twice in the mean.
@@ -285,10 +289,11 @@ def final_variants(study: Study, base: dict[str, Any], rows: list[TrialRow], fin
         configs += [baseline_config(base, baseline) for baseline in study_baselines(study, args)]
     variants: list[dict[str, Any]] = []
     for config in configs:
-        for seed in final_phase_seeds(args.seed, final_seeds):
-            variant = experiment_config({**config, "train.seed": seed}).to_flat()
-            if variant not in variants:
-                variants.append(variant)
+        for split in range(max(1, final_splits)):
+            for seed in final_phase_seeds(args.seed, final_seeds):
+                variant = experiment_config({**config, "data.split": split, "train.seed": seed}).to_flat()
+                if variant not in variants:
+                    variants.append(variant)
     return variants
 
 

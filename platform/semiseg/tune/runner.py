@@ -41,10 +41,12 @@ from semiseg.data.errors import DatasetError
 from semiseg.tracking import (TAG_OPTUNA_STORAGE, TAG_STORAGE_PATH, Tracker, check_tracking_uri, default_tracking_uri,
                               redact_uri, study_tags)
 from semiseg.train.contract import DATASET_KEY, STORAGE_KEY
-from semiseg.tune.checks import check_dataset, check_searches, check_trained_configs, search_ranges
+from semiseg.data.splits import SPLITS_FILE, Split, write_splits
+from semiseg.tune.checks import check_dataset, check_searches, check_splits, check_trained_configs, search_ranges
 from semiseg.tune.cli import StudyArgs, check_paths, parse_args
 from semiseg.tune.configs import budget, public, resolve_base_config, searches, study_baselines, study_methods
 from semiseg.tune.local_ray import init_ray
+from semiseg.tune.model_export import export_models
 from semiseg.tune.model_registry import register_best_models
 from semiseg.tune.phases import (PhaseContext, StudyInterruptedError, TrialsFailedError, check_phase, final_variants,
                                  load_state, run_fixed, run_search, save_state)
@@ -99,12 +101,13 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
         check_searches(study, args)
         check_trained_configs(study, args, base)
         layout_name, handover = check_dataset(base, study_baselines(study, args))
+        splits = check_splits(base, handover, study_baselines(study, args), args.final_splits)
         base = {**base, DATASET_KEY: handover}
     except (DatasetError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT_ERROR) from None
     try:
-        return execute(study, args, base, layout_name)
+        return execute(study, args, base, layout_name, splits)
     except StudyInterruptedError as error:
         if ray.is_initialized() and not ray_was_connected:
             ray.shutdown()
@@ -118,12 +121,19 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
         raise SystemExit(EXIT_INPUT_ERROR if isinstance(error, ResourceError) else EXIT_TRIALS_FAILED) from None
 
 
-def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: str) -> StudyOutcome:
-    """Run the phases of a validated study and print the report."""
+def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: str,
+            splits: Sequence[Split] = ()) -> StudyOutcome:
+    """Run the phases of a validated study and print the report.
+
+    ``splits``: the final phase's splits (:func:`~semiseg.tune.checks.check_splits`), written to
+    the study's folder as ``splits_final.json`` (``--splits`` takes that file back).
+    """
     import ray
 
     study_dir = args.state_dir / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
+    if splits:
+        write_splits(study_dir / SPLITS_FILE, splits)
     base = {**base, STORAGE_KEY: f"{args.storage_path.rstrip('/')}/ray"}
     state = load_state(study_dir) if args.resume else {}
     started_ray = not ray.is_initialized()
@@ -141,7 +151,7 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     for search in study_searches:
         rows += run_search(context, search, num_samples)
         check_phase(context, search.phase, rows)
-    variants = final_variants(study, base, rows, final_seeds, args)
+    variants = final_variants(study, base, rows, final_seeds, args, final_splits=max(1, len(splits)))
     if variants:
         shown = sorted({k for search in study_searches for k in search.space.keys} | set(study.group_by))
         rows += run_fixed(context, "final", variants, shown + ["train.seed"])
@@ -149,6 +159,8 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
 
     outcome = summarise(study, context.tracker.display_uri, context.parent_run_id, rows)
     outcome.registered_models = register_best_models(rows, context.tracker, context.experiment_id, study.name)
+    outcome.models_index = export_models(rows, study_dir, study.name, study.group_by, context.tracker,
+                                         context.experiment_id)
     report(outcome, context.tracker, context.parent_run_id, study_dir)
     if context.parent_run_id:
         context.tracker.end_run(context.parent_run_id, "FINISHED")
