@@ -15,8 +15,8 @@ from semiseg.report.build import build_study_view
 from semiseg.report.html import render_page
 from semiseg.report.search import (OptunaSearch, SearchedParam, SearchInfo, phase_of, read_searches,
                                    searched_by_method)
-from semiseg.report.stats import (TEST_NONE, TEST_PAIRED_T, TEST_WILCOXON, CostRow, Summary, cost_rows, method_rows,
-                                  pair_by_seed, paired_test, summarise, trial_cost)
+from semiseg.report.stats import (TEST_NONE, TEST_PAIRED_T, CostRow, Pair, Summary, cost_rows, method_rows, pair_runs,
+                                  paired_test, summarise, trial_cost)
 from semiseg.report.store import ParentRun, StoreError, StudyRecord, TrialRun, check_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,27 +60,32 @@ def assert_not_blank(data: bytes | None) -> None:
 
 # --- mean (std) and the paired test -------------------------------------------------------
 
-def test_summary_is_mean_and_population_std_of_finite_values():
+def test_summary_is_mean_and_sample_std_of_finite_values():
     summary = summarise([0.5, 0.7, float("nan")])
     assert summary.n == 2
     assert summary.mean == pytest.approx(0.6)
-    assert summary.std == pytest.approx(0.1)
+    assert summary.std == pytest.approx(math.sqrt(0.02)), "ddof 1: sqrt(((-0.1)² + 0.1²) / (2 - 1))"
+    single = summarise([0.5])
+    assert single.n == 1 and single.mean == 0.5 and math.isnan(single.std), "no spread from one value"
     empty = summarise([float("nan")])
     assert empty.n == 0 and math.isnan(empty.mean)
 
 
-def test_pairs_are_matched_by_seed_and_duplicates_averaged():
+def test_pairs_are_matched_by_split_and_seed_and_duplicates_averaged():
     ours = [run("mean_teacher", 0, 0.80), run("mean_teacher", 1, 0.70), run("mean_teacher", 1, 0.90),
-            run("mean_teacher", 2, 0.60), run("mean_teacher", None, 0.99)]
-    reference = [run("supervised", 2, 0.50), run("supervised", 1, 0.65), run("supervised", 3, 0.40)]
-    assert pair_by_seed(ours, reference) == [(1, pytest.approx(0.80), 0.65), (2, 0.60, 0.50)]
+            run("mean_teacher", 2, 0.60), run("mean_teacher", None, 0.99),
+            run("mean_teacher", 2, 0.30, params={"data.split": "1"})]
+    reference = [run("supervised", 2, 0.50), run("supervised", 1, 0.65), run("supervised", 3, 0.40),
+                 run("supervised", 2, 0.20, params={"data.split": "1"}),
+                 run("supervised", 1, 0.1, params={"data.split": "1"})]
+    assert pair_runs(ours, reference) == [(0, 1, pytest.approx(0.80), 0.65), (0, 2, 0.60, 0.50), (1, 2, 0.30, 0.20)]
 
 
 def test_paired_t_test_matches_hand_computed_statistic_and_scipy():
     from scipy import stats
 
     ours, theirs = [0.80, 0.75, 0.90], [0.70, 0.72, 0.78]
-    pairs = [(seed, a, b) for seed, (a, b) in enumerate(zip(ours, theirs))]
+    pairs = [Pair(0, seed, a, b) for seed, (a, b) in enumerate(zip(ours, theirs))]
     result = paired_test(pairs)
     differences = [a - b for a, b in zip(ours, theirs)]
     mean = sum(differences) / 3
@@ -91,25 +96,26 @@ def test_paired_t_test_matches_hand_computed_statistic_and_scipy():
     assert result.p_value == pytest.approx(2 * stats.t.sf(abs(t), df=2))
     assert result.p_value == pytest.approx(stats.ttest_rel(ours, theirs).pvalue)
     assert result.mean_difference == pytest.approx(mean)
+    assert math.isnan(result.wilcoxon_p), "the signed-rank p is reported from six pairs only"
 
 
-def test_wilcoxon_is_used_from_six_pairs():
+def test_wilcoxon_p_is_a_second_figure_from_six_pairs():
     from scipy import stats
 
     ours = [0.81, 0.77, 0.90, 0.66, 0.74, 0.88]
     theirs = [0.70, 0.79, 0.78, 0.60, 0.71, 0.80]
-    result = paired_test([(seed, a, b) for seed, (a, b) in enumerate(zip(ours, theirs))])
-    expected = stats.wilcoxon(ours, theirs)
-    assert result.test == TEST_WILCOXON and result.n == 6
-    assert result.statistic == pytest.approx(expected.statistic)
-    assert result.p_value == pytest.approx(expected.pvalue)
+    result = paired_test([Pair(0, seed, a, b) for seed, (a, b) in enumerate(zip(ours, theirs))])
+    assert result.test == TEST_PAIRED_T and result.n == 6, "the t-test stays primary (its interval is the verdict's)"
+    assert result.p_value == pytest.approx(stats.ttest_rel(ours, theirs).pvalue)
+    assert result.wilcoxon_p == pytest.approx(stats.wilcoxon(ours, theirs).pvalue)
 
 
-@pytest.mark.parametrize("pairs", [[], [(0, 0.8, 0.7)], [(0, 0.8, 0.7), (1, 0.6, 0.5)]])
+@pytest.mark.parametrize("pairs", [[], [Pair(0, 0, 0.8, 0.7)], [Pair(0, 0, 0.8, 0.7), Pair(0, 1, 0.6, 0.5)]])
 def test_no_test_with_too_few_pairs_or_constant_differences(pairs):
     result = paired_test(pairs)
     assert result.test == TEST_NONE and result.n == len(pairs)
     assert math.isnan(result.p_value) and math.isnan(result.statistic)
+    assert math.isnan(result.ci_low) and math.isnan(result.ci_high)
     assert result.note
 
 
@@ -130,12 +136,17 @@ def test_method_rows_pair_within_the_same_group_only():
     assert row.test is not None and row.test.n == 3 and row.test.test == TEST_PAIRED_T
     assert row.test.mean_difference == pytest.approx(sum([0.10, 0.14, 0.09]) / 3)
     assert rows["supervised [data.num_labelled=2]"].test is None
+    assert row.comparison is not None and row.comparison.reference == "supervised [data.num_labelled=4]"
+    assert row.comparison.pairs == [(0, 0, pytest.approx(0.70), pytest.approx(0.60)),
+                                    (0, 1, pytest.approx(0.75), pytest.approx(0.61)),
+                                    (0, 2, pytest.approx(0.81), pytest.approx(0.72))]
 
 
 def test_method_without_supervised_in_its_group_has_no_test():
     rows = method_rows([run("mean_teacher", 0, 0.5), run("mean_teacher", 1, 0.6)])
     assert rows[0].test is not None and rows[0].test.test == TEST_NONE
     assert "no supervised" in rows[0].test.note
+    assert rows[0].comparison.conclusion == "no evidence of a difference" and not rows[0].comparison.worse_on
 
 
 # --- cost ---------------------------------------------------------------------------------
@@ -206,6 +217,9 @@ def test_importances_and_cost_png_are_not_blank():
                           importances={"optim.lr": 0.7, "1 - method.ema_decay": 0.3})
     assert_not_blank(figures.importances([search]))
     assert figures.importances([OptunaSearch("s-search", complete=1, note="1 complete trial")]) is None
+    single = OptunaSearch("s-search-mean_teacher", params=(SearchedParam("method.ema_decay", complement=True),),
+                          complete=5, importances={"1 - method.ema_decay": 1.0})
+    assert figures.importances([single]) is None, "one parameter has importance 1 by construction: no panel"
     rows = [CostRow("mean_teacher", 4, 12, 0.5, 0.0, Summary(0.7, 0.02, 3)),
             CostRow("supervised", 3, 9, 0.1, 0.0, Summary(0.6, 0.03, 3))]
     assert_not_blank(figures.cost_vs_result(rows))

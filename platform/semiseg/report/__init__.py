@@ -4,8 +4,8 @@ The modules each have one job:
 
 * :mod:`semiseg.report.store` reads studies (parent run, child runs, metric histories,
   ``results.json``, registered models) into plain dataclasses;
-* :mod:`semiseg.report.stats` computes mean (std) over seeds, the paired test against the
-  supervised model and the compute cost;
+* :mod:`semiseg.report.stats` computes mean (std) over seeds (splits × seeds with
+  ``--final-splits``), the paired test against the supervised model and the compute cost;
 * :mod:`semiseg.report.search` reads the Optuna storage of a study (searched parameters,
   parameter importances);
 * :mod:`semiseg.report.figures` draws the figures as PNG bytes;

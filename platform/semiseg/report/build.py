@@ -13,6 +13,8 @@ from semiseg.report.store import StudyRecord, TrialRun
 
 OVERLAY_ARTIFACT = "overlay.png"
 LABEL_KEY = "data.num_labelled"
+MIN_IMPORTANCE_PARAMS = 2
+"""Parameters a search needs for its importances to say anything (one parameter always has importance 1)."""
 ArtifactReader = Callable[[str, str], "bytes | None"]
 
 
@@ -46,6 +48,7 @@ class StudyView:
     searched: Mapping[str, Sequence[SearchedParam]] = field(default_factory=dict)
     search_note: str = ""
     notes: Sequence[str] = field(default_factory=tuple)
+    range_warnings: Sequence[str] = field(default_factory=tuple)
 
 
 def build_study_view(record: StudyRecord, read_artifact: ArtifactReader) -> StudyView:
@@ -64,25 +67,41 @@ def build_study_view(record: StudyRecord, read_artifact: ArtifactReader) -> Stud
     costs = cost_rows(record.trials, rows)
     return StudyView(record=record, rows=rows, costs=costs, figures=_figures(record, rows, costs, searched, info),
                      overlays=_overlays(record.trials, read_artifact), searched=searched,
-                     search_note="" if info.searches else info.note, notes=_notes(record))
+                     search_note="" if info.searches else info.note, notes=_notes(record),
+                     range_warnings=range_warnings(record))
+
+
+def range_warnings(record: StudyRecord) -> list[str]:
+    """The study's best searched values at an edge of their range, from its ``results.json`` (if any).
+
+    Returns:
+        One line per warning (``<phase>: <message>`` when several searches warned).
+    """
+    found = (record.results or {}).get("range_warnings") or []
+    warnings = [w for w in found if isinstance(w, dict) and isinstance(w.get("message"), str)]
+    phases = {str(w.get("phase", "")) for w in warnings}
+    return [(f"{w.get('phase')}: " if len(phases) > 1 else "") + w["message"] for w in warnings]
 
 
 def _figures(record: StudyRecord, rows: Sequence[MethodRow], costs: Sequence[CostRow],
              searched: Mapping[str, Sequence[SearchedParam]], info: SearchInfo) -> list[FigureView]:
     budgets = {r.params.get(LABEL_KEY) for row in rows for r in row.runs}
-    importance_note = info.note or "; ".join(f"{s.phase}: {s.note}" for s in info.searches if s.note) \
-        or "no search recorded importances"
-    return [
+    shown = [
         FigureView("Learning curves", figures.learning_curves(record.trials),
                    "no trial has reported a validation Dice yet"),
         FigureView("Label efficiency", figures.label_efficiency(rows, LABEL_KEY),
                    f"the final runs have {len(budgets)} value(s) of {LABEL_KEY}; the curve needs several"),
         FigureView("Sensitivity", figures.sensitivity(record.trials, searched),
                    "no searched hyperparameters with numeric values (the study ran no search)"),
-        FigureView("Parameter importances (Optuna)", figures.importances(info.searches), importance_note),
-        FigureView("Cost against result", figures.cost_vs_result(costs),
-                   "no method has both a cost and a test Dice (no completed final runs)"),
     ]
+    multi = [s for s in info.searches if len(s.params) >= MIN_IMPORTANCE_PARAMS]
+    if multi:
+        importance_note = "; ".join(f"{s.phase}: {s.note}" for s in multi if s.note) or "no search recorded importances"
+        shown.append(FigureView("Parameter importances (Optuna)",
+                                figures.importances(multi, MIN_IMPORTANCE_PARAMS), importance_note))
+    shown.append(FigureView("Cost against result", figures.cost_vs_result(costs),
+                            "no method has both a cost and a test Dice (no completed final runs)"))
+    return shown
 
 
 def best_trial_per_method(trials: Sequence[TrialRun]) -> dict[str, TrialRun]:

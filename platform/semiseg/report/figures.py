@@ -11,7 +11,7 @@ import math
 from typing import Mapping, Sequence
 
 from semiseg.report.search import OptunaSearch, SearchedParam
-from semiseg.report.stats import CostRow, MethodRow
+from semiseg.report.stats import CostRow, MethodRow, sample_std
 from semiseg.report.store import TrialRun
 from semiseg.tracking import METRIC_VAL_DICE
 
@@ -40,6 +40,11 @@ def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")
     return buffer.getvalue()
+
+
+def _spread(std: float) -> float:
+    """An error bar's half-length: the sample std, 0 where it is undefined (a single run)."""
+    return std if math.isfinite(std) else 0.0
 
 
 def use_log_axis(values: Sequence[float]) -> bool:
@@ -107,10 +112,10 @@ def label_efficiency(rows: Sequence[MethodRow], key: str = "data.num_labelled") 
     for method, per_budget in sorted(points.items()):
         xs = sorted(per_budget)
         means = [sum(per_budget[x]) / len(per_budget[x]) for x in xs]
-        stds = [math.sqrt(sum((v - m) ** 2 for v in per_budget[x]) / len(per_budget[x])) for x, m in zip(xs, means)]
+        stds = [_spread(sample_std(per_budget[x])) for x in xs]
         axes.errorbar(xs, means, yerr=stds, color=colours[method], marker="o", capsize=4, label=method)
     axes.set_xlabel(f"labelled cases ({key})")
-    axes.set_ylabel("test Dice, mean (std) over seeds")
+    axes.set_ylabel("test Dice, mean (std) over final runs")
     axes.set_title("Label efficiency")
     axes.set_xticks(sorted(budgets))
     axes.grid(alpha=0.3)
@@ -166,13 +171,15 @@ def sensitivity(trials: Sequence[TrialRun], searched: Mapping[str, Sequence[Sear
     return _png(figure)
 
 
-def importances(searches: Sequence[OptunaSearch]) -> bytes | None:
-    """Optuna parameter importances, one horizontal bar chart per search.
+def importances(searches: Sequence[OptunaSearch], min_params: int = 2) -> bytes | None:
+    """Optuna parameter importances, one horizontal bar chart per search of ``min_params`` or more parameters.
+
+    A search of one parameter is left out: its importance is 1 by construction.
 
     Returns:
-        PNG bytes, or None when no search has importances.
+        PNG bytes, or None when no such search has importances.
     """
-    shown = [s for s in searches if s.importances]
+    shown = [s for s in searches if s.importances and len(s.importances) >= min_params]
     if not shown:
         return None
     figure = _figure(7.0, 1.2 + sum(0.45 * len(s.importances or {}) + 0.8 for s in shown))
@@ -200,10 +207,11 @@ def cost_vs_result(rows: Sequence[CostRow]) -> bytes | None:
     figure = _figure(7.0, 4.5)
     axes = figure.add_subplot()
     for row in shown:
-        axes.errorbar([row.cpu_hours], [row.dice.mean], yerr=[row.dice.std], color=colours[row.method], marker="o",
-                      capsize=4, markersize=8, linestyle="none", label=f"{row.method} ({row.trials} trials)")
+        axes.errorbar([row.cpu_hours], [row.dice.mean], yerr=[_spread(row.dice.std)], color=colours[row.method],
+                      marker="o", capsize=4, markersize=8, linestyle="none",
+                      label=f"{row.method} ({row.trials} trials)")
     axes.set_xlabel("CPU-hours (searches and final runs)")
-    axes.set_ylabel("test Dice, mean (std) over seeds")
+    axes.set_ylabel("test Dice, mean (std) over final runs")
     axes.set_title("Cost against result")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

@@ -15,10 +15,11 @@ from html import escape
 from typing import Iterable, Sequence
 
 from semiseg.report.build import FigureView, OverlayView, StudyView
-from semiseg.report.stats import TEST_METRICS, CostRow, MethodRow, PairedTest, Summary
+from semiseg.report.stats import (PER_CLASS_METRICS, TEST_METRICS, WILCOXON_MIN_PAIRS, CostRow, MethodRow, Summary,
+                                  verdict)
 
 METRIC_TITLES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95 (mm)", "asd": "ASD (mm)",
-                 "precision": "Precision", "recall": "Recall"}
+                 "nsd": "NSD (1 mm)", "precision": "Precision", "recall": "Recall"}
 DISTANCE_METRICS = ("hd95", "asd")
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;
@@ -100,7 +101,10 @@ def _study(view: StudyView, anchor: str) -> str:
     parts = [f'<section id="{escape(anchor)}">', f"<h2>{escape(record.name)}</h2>",
              f'<p class="meta">{escape(" · ".join(meta))}</p>']
     parts += [f'<p class="note">{escape(note)}</p>' for note in view.notes]
-    parts += ["<h3>Methods</h3>", _method_table(view.rows, anchor)]
+    parts += ["<h3>Methods</h3>", _method_table(view.rows, anchor), _per_class_table(view.rows)]
+    if view.range_warnings:
+        parts.append('<p class="empty">Edge of a searched range (the optimum may lie outside it):<br>'
+                     + "<br>".join(escape(line) for line in view.range_warnings) + "</p>")
     if view.searched:
         parts.append('<p class="note">Searched: ' + "; ".join(
             f"{escape(method)}: " + ", ".join(f"<code>{escape(p.label)}</code>" for p in params)
@@ -128,38 +132,58 @@ def _summary(summary: Summary, digits: int) -> str:
     return f"{_fmt(summary.mean, digits)} ({_fmt(summary.std, digits)})"
 
 
-def _test(test: PairedTest | None) -> str:
-    if test is None:
+def _verdict(row: MethodRow) -> str:
+    if row.comparison is None:
         return "reference"
-    if test.test == "none":
-        return escape(f"no test (n={test.n}): {test.note}")
-    return escape(f"{test.test}, n={test.n}, p={test.p_value:.3g}, "
-                  f"Δ Dice {test.mean_difference:+.4f}")
+    return escape(verdict(row.comparison))
+
+
+def _splits(rows: Sequence[MethodRow]) -> int:
+    return len({r.params.get("data.split", "0") for row in rows for r in row.runs})
 
 
 def _method_table(rows: Sequence[MethodRow], anchor: str) -> str:
     if not rows:
         return ('<p class="empty">No completed final-phase runs: the method table needs the final phase '
                 "(final_seeds &ge; 1 or baselines), run to the end.</p>")
-    headers = ["Method", "Seeds", *(METRIC_TITLES[m] for m in TEST_METRICS), "Best configuration",
-               "Test Dice vs supervised (paired over seeds)"]
+    over = "splits × seeds" if _splits(rows) > 1 else "seeds"
+    headers = ["Method", "Runs", *(METRIC_TITLES[m] for m in TEST_METRICS), "Best configuration",
+               "Against supervised (paired by split and seed)"]
     body = []
     for row in rows:
         digits = {m: 2 if m in DISTANCE_METRICS else 4 for m in TEST_METRICS}
         config = ", ".join(f"{k}={v}" for k, v in row.best_config.items()) or "defaults (not searched)"
         cells = [escape(row.label), str(max((s.n for s in row.metrics.values()), default=0))]
         cells += [_summary(row.metrics[m], digits[m]) for m in TEST_METRICS]
-        cells += [escape(config), _test(row.test)]
-        css = ' class="reference"' if row.test is None else ""
+        cells += [escape(config), _verdict(row)]
+        css = ' class="reference"' if row.comparison is None else ""
         body.append(f"<tr{css}>" + "".join(
             f'<td class="num">{c}</td>' if 1 <= i <= len(TEST_METRICS) else f"<td>{c}</td>"
             for i, c in enumerate(cells)) + "</tr>")
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     return (f'<table class="methods" id="methods-{escape(anchor)}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>'
-            '<p class="note">Test metrics of the completed final-phase runs: mean (population std) over seeds; '
-            "HD95 and ASD in mm. Pairs are runs of the same group with the same train.seed; Wilcoxon signed-rank "
-            "with 6 or more pairs, else a paired t-test.</p>")
+            f'<p class="note">Test metrics of the completed final-phase runs: mean (sample std, ddof 1) over {over}; '
+            "HD95 and ASD in mm. Pairs are runs of the same group with the same data.split and train.seed; the "
+            "verdict reads the 95 % t-interval of the mean Dice difference (paired t-test): no evidence of a "
+            f"difference when it contains 0. With {WILCOXON_MIN_PAIRS} or more pairs the Wilcoxon signed-rank "
+            "p-value is added.</p>")
+
+
+def _per_class_table(rows: Sequence[MethodRow]) -> str:
+    """Per-class test Dice and HD95 per method (multi-class data only; "" otherwise)."""
+    shown = [row for row in rows if row.per_class]
+    if not shown:
+        return ""
+    labels = list(dict.fromkeys(label for row in shown for label in row.per_class))
+    titles = {"dice": "Dice", "hd95": "HD95 (mm)"}
+    headers = ["Method", *(f"{label} {titles[m]}" for label in labels for m in PER_CLASS_METRICS)]
+    body = [[escape(row.label), *(_summary(row.per_class[label][m], 2 if m in DISTANCE_METRICS else 4)
+                                  if label in row.per_class else "–"
+                                  for label in labels for m in PER_CLASS_METRICS)] for row in shown]
+    return ('<h4>Per class</h4>' + _table(headers, body, numeric_from=1)
+            + '<p class="note">Per-class test metrics (test/&lt;metric&gt;/&lt;label&gt;): mean (sample std) '
+            "over the final runs.</p>")
 
 
 def data_uri(image: bytes) -> str | None:

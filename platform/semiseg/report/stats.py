@@ -1,21 +1,35 @@
-"""Statistics of a study: mean (std) over seeds, the paired test against supervised, cost.
+"""Statistics of a study: mean (std) over the final runs, the paired comparison against
+supervised with its verdict, and cost.
 
-Standard deviations are population standard deviations over seeds, as in the study's own
-final table (``semiseg.tune.results.final_table``), so the report and the study's output
-agree. Runs are paired by ``train.seed`` within the same group (method plus the study's
-``group_by`` keys, e.g. ``data.num_labelled``).
+Spreads are sample standard deviations (ddof 1; NaN for a single value), as in the study's
+own final table (``semiseg.tune.results.final_table``), so the report and the study's output
+agree. Final runs are paired by (``data.split``, ``train.seed``) within the same group (method
+plus the study's ``group_by`` keys, e.g. ``data.num_labelled``); a run without ``data.split``
+ran on split 0. Several runs of one side with the same key (top-k re-runs) are averaged.
+
+The comparison (:func:`compare`) has one primary test, the paired t-test, because its 95 %
+confidence interval of the mean difference (a t-interval) is what the verdict reads: "no
+evidence of a difference" when the interval contains 0, else better or worse. With
+:data:`WILCOXON_MIN_PAIRS` or more pairs the Wilcoxon signed-rank p-value is reported beside
+it as a second figure; below that the signed-rank test cannot reach p < 0.05 at all.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from semiseg.report.store import TrialRun
 
-TEST_METRICS = ("dice", "jaccard", "hd95", "asd", "precision", "recall")
+TEST_METRICS = ("dice", "jaccard", "hd95", "asd", "nsd", "precision", "recall")
+LOWER_IS_BETTER = ("hd95", "asd")
+DISTANCE_UNIT = "mm"
 REFERENCE_METHOD = "supervised"
+PRIMARY_METRIC = "test/dice"
+SPLIT_KEY = "data.split"
+SEED_KEY = "train.seed"
+CONFIDENCE = 0.95
 WILCOXON_MIN_PAIRS = 6
 MIN_PAIRS = 2
 SECONDS_PER_HOUR = 3600.0
@@ -24,11 +38,15 @@ GPU_KEYS = ("semiseg.gpus_per_worker", "train.gpus_per_worker")
 TEST_WILCOXON = "Wilcoxon signed-rank"
 TEST_PAIRED_T = "paired t-test"
 TEST_NONE = "none"
+NO_EVIDENCE = "no evidence of a difference"
+PER_CLASS_METRICS = ("dice", "hd95")
+NAN_CASES_SUFFIX = "_nan_cases"
+MIN_CLASSES = 2
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean, population standard deviation and count of the finite values."""
+    """Mean, sample standard deviation (ddof 1) and count of the finite values."""
 
     mean: float
     std: float
@@ -36,10 +54,12 @@ class Summary:
 
 
 def summarise(values: Iterable[float]) -> Summary:
-    """Mean (population std) of the finite ``values``; NaN with n = 0 when there are none.
+    """Mean (sample std, ddof 1) of the finite ``values``; NaN with n = 0 when there are none.
+
+    The std is NaN for a single value (a spread needs two).
 
     Args:
-        values: e.g. one test Dice per seed.
+        values: e.g. one test Dice per final run.
 
     Returns:
         The summary.
@@ -47,20 +67,80 @@ def summarise(values: Iterable[float]) -> Summary:
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return Summary(float("nan"), float("nan"), 0)
-    mean = sum(finite) / len(finite)
-    return Summary(mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite)), len(finite))
+    return Summary(sum(finite) / len(finite), sample_std(finite), len(finite))
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof 1) of ``values``; NaN for fewer than two."""
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+class Pair(NamedTuple):
+    """One paired observation: the same labelled split and training seed on both sides."""
+
+    split: int
+    seed: int
+    value: float
+    reference_value: float
+
+
+def pair_key(params: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(data.split, train.seed)`` of a run's params or config; split 0 when absent.
+
+    Returns:
+        The key, or None when the seed (or a present split) is missing or not an integer.
+    """
+    seed = _as_int(params.get(SEED_KEY))
+    split = _as_int(params.get(SPLIT_KEY, 0))
+    return None if seed is None or split is None else (split, seed)
+
+
+def pair_values(ours: Iterable[tuple[tuple[int, int] | None, float | None]],
+                theirs: Iterable[tuple[tuple[int, int] | None, float | None]]) -> list[Pair]:
+    """Pairs of the keys both sides have, sorted by (split, seed).
+
+    Args:
+        ours, theirs: ``(key, value)`` per run, key from :func:`pair_key`. Runs without a key
+            or without a finite value are left out; several values of one key are averaged.
+
+    Returns:
+        One :class:`Pair` per common key.
+    """
+    mine, reference = _averaged(ours), _averaged(theirs)
+    return [Pair(key[0], key[1], mine[key], reference[key]) for key in sorted(set(mine) & set(reference))]
+
+
+def _averaged(values: Iterable[tuple[tuple[int, int] | None, float | None]]) -> dict[tuple[int, int], float]:
+    grouped: dict[tuple[int, int], list[float]] = {}
+    for key, value in values:
+        if key is not None and value is not None and math.isfinite(value):
+            grouped.setdefault(key, []).append(float(value))
+    return {key: sum(v) / len(v) for key, v in grouped.items()}
+
+
+def pair_runs(runs: Sequence[TrialRun], reference: Sequence[TrialRun], metric: str = PRIMARY_METRIC) -> list[Pair]:
+    """Pairs of ``metric`` between ``runs`` and ``reference``, keyed by (``data.split``, ``train.seed``)."""
+    return pair_values(((pair_key(r.params), r.metrics.get(metric)) for r in runs),
+                       ((pair_key(r.params), r.metrics.get(metric)) for r in reference))
 
 
 @dataclass(frozen=True)
 class PairedTest:
-    """A paired comparison of a method with the supervised model over seeds.
+    """A paired comparison of a method with its reference over (split, seed) pairs.
 
     Attributes:
-        test: :data:`TEST_WILCOXON`, :data:`TEST_PAIRED_T` or :data:`TEST_NONE`.
-        n: number of seed pairs.
-        statistic: the test statistic (NaN when no test ran).
-        p_value: two-sided p-value (NaN when no test ran).
-        mean_difference: mean of (method - supervised) over the pairs (NaN without pairs).
+        test: :data:`TEST_PAIRED_T` (the primary test), or :data:`TEST_NONE` when none ran.
+        n: number of pairs.
+        statistic: the t statistic (NaN when no test ran).
+        p_value: two-sided p-value of the paired t-test (NaN when no test ran).
+        mean_difference: mean of (method - reference) over the pairs (NaN without pairs).
+        ci_low, ci_high: the 95 % t-interval of the mean difference,
+            mean ± t(0.975, n - 1) · sd / √n with sd of ddof 1 (NaN when no test ran).
+        wilcoxon_p: two-sided Wilcoxon signed-rank p-value, a second figure with
+            :data:`WILCOXON_MIN_PAIRS` or more pairs (else NaN).
         note: why the test is missing or degenerate, else empty.
     """
 
@@ -69,59 +149,203 @@ class PairedTest:
     statistic: float
     p_value: float
     mean_difference: float
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    wilcoxon_p: float = float("nan")
     note: str = ""
 
-
-def pair_by_seed(runs: Sequence[TrialRun], reference: Sequence[TrialRun],
-                 metric: str = "test/dice") -> list[tuple[int, float, float]]:
-    """``(seed, method value, reference value)`` for each seed both sides ran, sorted by seed.
-
-    Several runs with the same seed on one side (top-k re-runs) are averaged. Runs without a
-    seed or without a finite ``metric`` are left out.
-    """
-    ours, theirs = _by_seed(runs, metric), _by_seed(reference, metric)
-    return [(seed, ours[seed], theirs[seed]) for seed in sorted(set(ours) & set(theirs))]
+    @property
+    def ran(self) -> bool:
+        """Whether a test ran (and the interval is defined)."""
+        return self.test != TEST_NONE
 
 
-def _by_seed(runs: Sequence[TrialRun], metric: str) -> dict[int, float]:
-    values: dict[int, list[float]] = {}
-    for run in runs:
-        value = run.metrics.get(metric)
-        if run.seed is not None and value is not None and math.isfinite(value):
-            values.setdefault(run.seed, []).append(float(value))
-    return {seed: sum(v) / len(v) for seed, v in values.items()}
+def paired_test(pairs: Sequence[Pair]) -> PairedTest:
+    """Two-sided paired t-test of the method against the reference, with the 95 % interval.
 
-
-def paired_test(pairs: Sequence[tuple[int, float, float]]) -> PairedTest:
-    """Two-sided paired test of the method against the reference.
-
-    Wilcoxon signed-rank with at least :data:`WILCOXON_MIN_PAIRS` pairs, else a paired
-    t-test (``scipy.stats.ttest_rel``); no test below :data:`MIN_PAIRS` pairs or when every
-    difference is the same (the statistic is undefined).
+    No test below :data:`MIN_PAIRS` pairs or when every difference is the same (the
+    statistic and the interval are undefined). With :data:`WILCOXON_MIN_PAIRS` or more
+    pairs, the Wilcoxon signed-rank p-value is added as a second figure.
 
     Args:
-        pairs: from :func:`pair_by_seed`.
+        pairs: from :func:`pair_values` or :func:`pair_runs` (only the last two fields, the
+            values, are read).
 
     Returns:
-        The test used, n, statistic, p-value and mean difference.
+        The test, n, statistic, p-value, mean difference and its interval.
     """
     from scipy import stats
 
     n = len(pairs)
-    differences = [a - b for _, a, b in pairs]
+    differences = [float(pair[-2]) - float(pair[-1]) for pair in pairs]
     mean_difference = sum(differences) / n if n else float("nan")
+    nan = float("nan")
     if n < MIN_PAIRS:
-        return PairedTest(TEST_NONE, n, float("nan"), float("nan"), mean_difference,
-                          f"{n} seed pair(s); a paired test needs at least {MIN_PAIRS}")
+        return PairedTest(TEST_NONE, n, nan, nan, mean_difference,
+                          note=f"{n} paired run(s); a paired test needs at least {MIN_PAIRS}")
     if all(math.isclose(d, differences[0], rel_tol=1e-9, abs_tol=1e-12) for d in differences):
-        return PairedTest(TEST_NONE, n, float("nan"), float("nan"), mean_difference,
-                          "every seed pair differs by the same amount (up to rounding); the test is undefined")
-    ours, theirs = [a for _, a, _ in pairs], [b for _, _, b in pairs]
+        return PairedTest(TEST_NONE, n, nan, nan, mean_difference,
+                          note="every pair differs by the same amount (up to rounding); the test is undefined")
+    standard_error = sample_std(differences) / math.sqrt(n)
+    statistic = mean_difference / standard_error
+    half_width = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * standard_error
+    p_value = float(2 * stats.t.sf(abs(statistic), n - 1))
+    wilcoxon_p = nan
     if n >= WILCOXON_MIN_PAIRS:
-        result, name = stats.wilcoxon(ours, theirs), TEST_WILCOXON
+        wilcoxon_p = float(stats.wilcoxon(differences).pvalue)
+    return PairedTest(TEST_PAIRED_T, n, statistic, p_value, mean_difference, mean_difference - half_width,
+                      mean_difference + half_width, wilcoxon_p)
+
+
+@dataclass(frozen=True)
+class WorseOn:
+    """A metric on which the side with the higher mean Dice is worse on the mean."""
+
+    metric: str
+    winner_mean: float
+    other_mean: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A method against its reference on one metric, with the paired test and the verdict.
+
+    Attributes:
+        method, reference: the compared labels (e.g. ``mean_teacher`` and ``supervised``).
+        metric: the compared metric (``test/dice``).
+        pairs: the (split, seed) pairs.
+        test: the paired test over ``pairs``.
+        winner: the side with the higher mean on ``metric`` ("" when tied or unknown).
+        worse_on: the other metrics on which ``winner`` is worse on the mean.
+    """
+
+    method: str
+    reference: str
+    metric: str
+    pairs: Sequence[Pair]
+    test: PairedTest
+    winner: str = ""
+    worse_on: Sequence[WorseOn] = ()
+
+    @property
+    def conclusion(self) -> str:
+        """``<method> better``, ``<method> worse`` or :data:`NO_EVIDENCE` (interval contains 0, or no test)."""
+        test = self.test
+        if not test.ran or not (test.ci_low > 0 or test.ci_high < 0):
+            return NO_EVIDENCE
+        higher = test.mean_difference > 0
+        better = not higher if _short(self.metric) in LOWER_IS_BETTER else higher
+        return f"{self.method} {'better' if better else 'worse'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written to ``results.json`` (NaN as None)."""
+        test = self.test
+        return {"method": self.method, "reference": self.reference, "metric": self.metric,
+                "mean_difference": _json_number(test.mean_difference), "ci_low": _json_number(test.ci_low),
+                "ci_high": _json_number(test.ci_high), "confidence": CONFIDENCE,
+                "test": test.test, "p_value": _json_number(test.p_value),
+                "wilcoxon_p_value": _json_number(test.wilcoxon_p), "n_pairs": test.n,
+                "pairs": [[p.split, p.seed, p.value, p.reference_value] for p in self.pairs],
+                "conclusion": self.conclusion, "note": test.note, "winner": self.winner,
+                "worse_on": [{"metric": w.metric, "winner_mean": w.winner_mean, "other_mean": w.other_mean}
+                             for w in self.worse_on],
+                "verdict": verdict(self)}
+
+
+def compare(method: str, reference: str, pairs: Sequence[Pair], metric: str = PRIMARY_METRIC,
+            means: Mapping[str, tuple[float, float]] | None = None) -> Comparison:
+    """The paired comparison of ``method`` with ``reference``, and where the winner is worse.
+
+    Args:
+        method, reference: labels of the two sides.
+        pairs: the (split, seed) pairs of ``metric``.
+        metric: the compared metric, e.g. ``test/dice``.
+        means: ``metric name -> (method mean, reference mean)`` of the other metrics (names
+            without the ``test/`` prefix, e.g. ``hd95``), as the final table shows them. The
+            winner is the side with the higher mean on ``metric`` (the paired mean difference;
+            the ``means`` entry of ``metric`` when there are no pairs); it is "worse on" a
+            metric where its mean is larger for :data:`LOWER_IS_BETTER` metrics, smaller for
+            the others.
+
+    Returns:
+        The comparison.
+    """
+    test = paired_test(pairs)
+    means = dict(means or {})
+    difference = test.mean_difference
+    if not math.isfinite(difference) and _short(metric) in means:
+        ours, theirs = means[_short(metric)]
+        difference = ours - theirs
+    winner = method if difference > 0 else reference if difference < 0 else ""
+    worse_on = []
+    for name, (ours, theirs) in means.items():
+        if not winner or name == _short(metric) or not (math.isfinite(ours) and math.isfinite(theirs)):
+            continue
+        mine, other = (ours, theirs) if winner == method else (theirs, ours)
+        if (mine > other) if name in LOWER_IS_BETTER else (mine < other):
+            worse_on.append(WorseOn(name, mine, other))
+    return Comparison(method, reference, metric, list(pairs), test, winner, worse_on)
+
+
+def verdict(comparison: Comparison) -> str:
+    """One sentence: the mean difference, its 95 % interval, the test and p-value, the conclusion.
+
+    Example: ``mean_teacher vs supervised: test/dice +0.0388 (95 % CI -0.1000 to +0.1800;
+    paired t-test over 3 paired runs (split × seed), p = 0.56): no evidence of a difference;
+    but mean_teacher is worse on hd95 (14.79 vs 12.41 mm)``.
+    """
+    test, metric = comparison.test, comparison.metric
+    digits = _digits(metric)
+    head = f"{comparison.method} vs {comparison.reference}: {metric} {_signed(test.mean_difference, digits)}"
+    if test.ran:
+        detail = (f"{CONFIDENCE * 100:g} % CI {_signed(test.ci_low, digits)} to {_signed(test.ci_high, digits)}; "
+                  f"{test.test} over {test.n} paired runs (split × seed), p = {_p(test.p_value)}")
+        if math.isfinite(test.wilcoxon_p):
+            detail += f"; {TEST_WILCOXON} p = {_p(test.wilcoxon_p)}"
     else:
-        result, name = stats.ttest_rel(ours, theirs), TEST_PAIRED_T
-    return PairedTest(name, n, float(result.statistic), float(result.pvalue), mean_difference)
+        detail = f"no paired test: {test.note}"
+    sentence = f"{head} ({detail}): {comparison.conclusion}"
+    if comparison.worse_on:
+        sentence += f"; but {comparison.winner} is worse on " + ", ".join(
+            f"{w.metric} ({_value(w.winner_mean, w.metric)} vs {_value(w.other_mean, w.metric)}"
+            f"{' ' + DISTANCE_UNIT if w.metric in LOWER_IS_BETTER else ''})" for w in comparison.worse_on)
+    return sentence
+
+
+def _short(metric: str) -> str:
+    """``test/dice`` -> ``dice``; ``dice`` stays."""
+    return metric.split("/", 1)[1] if "/" in metric else metric
+
+
+def _digits(metric: str) -> int:
+    return 2 if _short(metric).split("/", 1)[0] in LOWER_IS_BETTER else 4
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}" if math.isfinite(value) else "nan"
+
+
+def _value(value: float, metric: str) -> str:
+    return f"{value:.{_digits(metric)}f}"
+
+
+def _p(value: float) -> str:
+    """Two significant digits (three where two would round onto 0.05)."""
+    text = f"{value:.2g}"
+    return f"{value:.3g}" if text == "0.05" else text
+
+
+def _json_number(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer from a param (``"3"``, ``3``, ``3.0``); None when missing or not integral."""
+    try:
+        number = float(str(value))
+    except (TypeError, ValueError):
+        return None
+    return int(number) if math.isfinite(number) and number == int(number) else None
 
 
 def group_label(run: TrialRun, group_by: Sequence[str]) -> str:
@@ -147,6 +371,10 @@ class MethodRow:
         metrics: ``metric -> Summary`` of the test metrics (without the ``test/`` prefix).
         best_config: the searched or method params of the re-run configuration.
         test: the paired test against supervised (None for the supervised row itself).
+        comparison: the paired comparison and verdict against supervised (None for the
+            supervised row itself).
+        per_class: ``label name -> metric -> Summary`` of the per-class test metrics
+            (``test/dice/<label>``, ``test/hd95/<label>``); empty for binary data.
     """
 
     label: str
@@ -155,6 +383,8 @@ class MethodRow:
     metrics: Mapping[str, Summary]
     best_config: Mapping[str, str] = field(default_factory=dict)
     test: PairedTest | None = None
+    comparison: Comparison | None = None
+    per_class: Mapping[str, Mapping[str, Summary]] = field(default_factory=dict)
 
 
 def method_rows(trials: Sequence[TrialRun], group_by: Sequence[str] = (),
@@ -177,16 +407,56 @@ def method_rows(trials: Sequence[TrialRun], group_by: Sequence[str] = (),
     rows = []
     for label, runs in groups.items():
         method = runs[0].method
-        reference = groups.get(reference_label(label, method), [])
-        test = None if method == REFERENCE_METHOD else paired_test(pair_by_seed(runs, reference))
-        if test is not None and not reference:
-            test = PairedTest(TEST_NONE, 0, float("nan"), float("nan"), float("nan"),
-                              "no supervised runs in this group")
-        rows.append(MethodRow(label=label, method=method, runs=runs,
-                              metrics={m: summarise(r.metrics.get(f"test/{m}", float("nan")) for r in runs)
-                                       for m in TEST_METRICS},
-                              best_config=best_config(runs, (searched or {}).get(method, ())), test=test))
+        metrics = {m: summarise(r.metrics.get(f"test/{m}", float("nan")) for r in runs) for m in TEST_METRICS}
+        comparison = None
+        if method != REFERENCE_METHOD:
+            comparison = _against_reference(label, reference_label(label, method), runs, groups, metrics)
+        rows.append(MethodRow(label=label, method=method, runs=runs, metrics=metrics,
+                              best_config=best_config(runs, (searched or {}).get(method, ())),
+                              test=comparison.test if comparison else None, comparison=comparison,
+                              per_class=per_class_summaries(runs)))
     return sorted(rows, key=_row_order)
+
+
+def _against_reference(label: str, reference_name: str, runs: Sequence[TrialRun],
+                       groups: Mapping[str, Sequence[TrialRun]], metrics: Mapping[str, Summary]) -> Comparison:
+    """The comparison of one group with the supervised group of the same labelled cases."""
+    reference = groups.get(reference_name, [])
+    if not reference:
+        nan = float("nan")
+        return Comparison(label, reference_name, PRIMARY_METRIC, [], PairedTest(
+            TEST_NONE, 0, nan, nan, nan, note=f"no {REFERENCE_METHOD} runs in this group"))
+    reference_metrics = {m: summarise(r.metrics.get(f"test/{m}", float("nan")) for r in reference)
+                         for m in TEST_METRICS}
+    return compare(label, reference_name, pair_runs(runs, reference),
+                   means={m: (metrics[m].mean, reference_metrics[m].mean) for m in TEST_METRICS})
+
+
+def class_labels(metrics: Iterable[Mapping[str, float]], prefix: str = "test", metric: str = "dice") -> list[str]:
+    """Label names of the per-class metrics ``<prefix>/<metric>/<label>`` (``…_nan_cases`` counts left out).
+
+    Args:
+        metrics: the metrics of each run.
+
+    Returns:
+        The label names in first-seen order.
+    """
+    start = f"{prefix}/{metric}/"
+    return list(dict.fromkeys(key[len(start):] for run in metrics for key in run
+                              if key.startswith(start) and not key.endswith(NAN_CASES_SUFFIX)))
+
+
+def per_class_summaries(runs: Sequence[TrialRun]) -> dict[str, dict[str, Summary]]:
+    """``label -> {"dice", "hd95"} -> Summary`` of the runs' per-class test metrics.
+
+    Empty unless the runs report per-class metrics of :data:`MIN_CLASSES` or more labels
+    (binary data has one foreground class, already the table's own columns).
+    """
+    labels = class_labels(r.metrics for r in runs)
+    if len(labels) < MIN_CLASSES:
+        return {}
+    return {label: {m: summarise(r.metrics.get(f"test/{m}/{label}", float("nan")) for r in runs)
+                    for m in PER_CLASS_METRICS} for label in labels}
 
 
 def _row_order(row: MethodRow) -> tuple:

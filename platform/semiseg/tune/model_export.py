@@ -121,5 +121,8 @@ def export_models(rows: Sequence[TrialRow], study_dir: Path, study: str, group_b
 
 
 def _slug(text: str) -> str:
-    """A folder name for a group label (``mean_teacher [data.num_labelled=2]`` → ``mean_teacher-data.num_labelled-2``)."""
+    """A folder name for a group label.
+
+    ``mean_teacher [data.num_labelled=2]`` becomes ``mean_teacher-data.num_labelled-2``.
+    """
     return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "model"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from semiseg.report.stats import (MIN_CLASSES, PRIMARY_METRIC, REFERENCE_METHOD, SPLIT_KEY, Comparison, class_labels,
+                                  compare, pair_key, pair_values, sample_std)
 from semiseg.train.contract import expand_trial_config
 from semiseg.tracking import METRIC_DIVERGED, METRIC_EPOCH, METRIC_TEST_DICE, METRIC_VAL_DICE
 from semiseg.tune.failures import ERROR_KEY, describe_error
@@ -133,15 +135,19 @@ def best_row(rows: Sequence[TrialRow]) -> TrialRow | None:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and (population) standard deviation of the finite values; NaN if none."""
+    """Mean and sample standard deviation (ddof 1) of the finite values; NaN if none (std NaN for one)."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return float("nan"), float("nan")
-    mean = sum(finite) / len(finite)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+    return sum(finite) / len(finite), sample_std(finite)
 
 
-FINAL_METRICS = ("dice", "jaccard", "hd95", "asd", "precision", "recall")
+FINAL_METRICS = ("dice", "jaccard", "hd95", "asd", "nsd", "precision", "recall")
+PER_CLASS_METRICS = ("dice", "hd95")
+POSTPROCESSED_PREFIX = "test_postprocessed"
+POSTPROCESSED_METRICS = ("dice", "hd95")
+FinalTable = dict[str, dict[str, tuple[float, float, int]]]
+"""``group label -> metric -> (mean, std, count)``."""
 
 
 def group_label(row: TrialRow, group_by: Sequence[str]) -> str:
@@ -152,18 +158,19 @@ def group_label(row: TrialRow, group_by: Sequence[str]) -> str:
 
 
 def final_table(rows: Sequence[TrialRow], metrics: Sequence[str] = FINAL_METRICS, prefix: str = "test",
-                group_by: Sequence[str] = ()) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """Mean, std and count over seeds of each ``{prefix}/{metric}``, per method (Table 1 of Perone).
+                group_by: Sequence[str] = ()) -> FinalTable:
+    """Mean, sample std (ddof 1) and count over the runs of each ``{prefix}/{metric}``, per method
+    (Table 1 of Perone).
 
     Args:
-        rows: final-phase rows.
-        metrics: metric names without prefix.
-        prefix: ``test`` or ``val``.
+        rows: final-phase rows (one per split and seed).
+        metrics: metric names without prefix (``dice``, or ``dice/liver`` for a class).
+        prefix: ``test``, ``val`` or ``test_postprocessed``.
         group_by: config keys that split a method's rows into groups (e.g. labelled cases).
 
     Rows that diverged or failed count as missing values, not as zeros.
     """
-    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    table: FinalTable = {}
     labels = sorted({group_label(r, group_by) for r in rows})
     for label in labels:
         runs = [r for r in rows if group_label(r, group_by) == label]
@@ -175,20 +182,115 @@ def final_table(rows: Sequence[TrialRow], metrics: Sequence[str] = FINAL_METRICS
     return table
 
 
-def format_final_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
-    """The final table as text: ``mean (std)`` per metric, one line per method, best Dice first."""
+def per_class_table(rows: Sequence[TrialRow], group_by: Sequence[str] = ()) -> FinalTable:
+    """``group -> "<metric>/<label>" -> (mean, std, count)`` of the per-class test Dice and HD95.
+
+    Empty unless the rows report per-class metrics (``test/dice/<label>``) of two or more
+    foreground labels: for binary data the final table's own columns are the class's.
+    """
+    labels = class_labels(r.metrics for r in rows)
+    if len(labels) < MIN_CLASSES:
+        return {}
+    return final_table(rows, [f"{m}/{label}" for label in labels for m in PER_CLASS_METRICS], group_by=group_by)
+
+
+def postprocessed_table(rows: Sequence[TrialRow], group_by: Sequence[str] = ()) -> FinalTable:
+    """``group -> metric -> (mean, std, count)`` of the raw and post-processed test Dice and HD95.
+
+    The metrics are ``dice``, ``dice (pp)``, ``hd95``, ``hd95 (pp)``; empty when no row has
+    post-processed metrics (``test_postprocessed/dice``).
+    """
+    if not any(f"{POSTPROCESSED_PREFIX}/{m}" in r.metrics for r in rows for m in POSTPROCESSED_METRICS):
+        return {}
+    raw = final_table(rows, POSTPROCESSED_METRICS, group_by=group_by)
+    processed = final_table(rows, POSTPROCESSED_METRICS, prefix=POSTPROCESSED_PREFIX, group_by=group_by)
+    return {label: {name: cells[metric] for metric in POSTPROCESSED_METRICS
+                    for name, cells in ((metric, raw[label]), (f"{metric} (pp)", processed[label]))}
+            for label in raw}
+
+
+def split_count(rows: Sequence[TrialRow]) -> int:
+    """How many distinct ``data.split`` values ``rows`` ran on (a row without one ran on split 0)."""
+    return len({str(r.config.get(SPLIT_KEY, 0)) for r in rows})
+
+
+def final_comparisons(rows: Sequence[TrialRow], table: FinalTable, group_by: Sequence[str] = ()) -> list[Comparison]:
+    """Each group against the supervised group of the same labelled cases (or the only one).
+
+    Pairs are final runs with the same (``data.split``, ``train.seed``); the worse-on check
+    reads the means of ``table`` (the final table the console prints).
+
+    Args:
+        rows: completed final-phase rows.
+        table: :func:`final_table` of ``rows``.
+        group_by: the study's grouping keys.
+
+    Returns:
+        One comparison per non-supervised group that has a reference, in label order.
+    """
+    supervised = [label for label in table if label.split(" ", 1)[0] == REFERENCE_METHOD]
+    comparisons = []
+    for label in sorted(table):
+        method, _, group = label.partition(" ")
+        if method == REFERENCE_METHOD:
+            continue
+        same_group = f"{REFERENCE_METHOD} {group}".strip()
+        reference = same_group if same_group in table else (supervised[0] if len(supervised) == 1 else None)
+        if reference is None:
+            continue
+        ours = [r for r in rows if group_label(r, group_by) == label]
+        theirs = [r for r in rows if group_label(r, group_by) == reference]
+        pairs = pair_values(((pair_key(r.config), r.metrics.get(PRIMARY_METRIC)) for r in ours),
+                            ((pair_key(r.config), r.metrics.get(PRIMARY_METRIC)) for r in theirs))
+        means = {m: (table[label][m][0], table[reference][m][0]) for m in table[label] if m in table[reference]}
+        comparisons.append(compare(label, reference, pairs, PRIMARY_METRIC, means))
+    return comparisons
+
+
+def format_final_table(table: FinalTable, digits: Mapping[str, int] | None = None) -> str:
+    """The final table as text: ``mean (std)`` per metric, one line per method, best Dice first.
+
+    Args:
+        table: from :func:`final_table` (or :func:`per_class_table`, :func:`postprocessed_table`).
+        digits: decimals per metric (default 4; a std of a single run shows as ``-``).
+    """
     if not table:
         return ""
     metrics = list(next(iter(table.values())))
-    headers = ["method", "n", *metrics]
-    order = sorted(table, key=lambda m: -(table[m].get("dice", (float("nan"),))[0]
-                                          if not math.isnan(table[m].get("dice", (float("nan"),))[0]) else -1))
+    return _render(["method", "n", *metrics], [
+        [label, str(max(v[2] for v in table[label].values())),
+         *(_mean_std(*table[label][m][:2], (digits or {}).get(m, 4)) for m in metrics)]
+        for label in _by_dice(table)])
+
+
+def format_per_class_table(table: FinalTable) -> str:
+    """The per-class table as text: one column per label, ``Dice mean (std) / HD95 mean (std)``."""
+    if not table:
+        return ""
+    labels = list(dict.fromkeys(key.split("/", 1)[1] for cells in table.values() for key in cells))
     lines = []
-    for method in order:
-        cells = [method, str(max(v[2] for v in table[method].values()))]
-        cells += [f"{mean:.4f} ({std:.4f})" if not math.isnan(mean) else "-"
-                  for mean, std, _ in table[method].values()]
-        lines.append(cells)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    for group in _by_dice(table, "dice/" + labels[0]):
+        cells = table[group]
+        lines.append([group, str(max(v[2] for v in cells.values())),
+                      *(f"{_mean_std(*cells[f'dice/{label}'][:2], 4)} / {_mean_std(*cells[f'hd95/{label}'][:2], 2)}"
+                        for label in labels)])
+    return _render(["method", "n", *labels], lines)
+
+
+def _by_dice(table: FinalTable, metric: str = "dice") -> list[str]:
+    def mean(label: str) -> float:
+        value = table[label].get(metric, (float("nan"),))[0]
+        return -1.0 if math.isnan(value) else value
+    return sorted(table, key=lambda label: -mean(label))
+
+
+def _mean_std(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ({'-' if math.isnan(std) else f'{std:.{digits}f}'})"
+
+
+def _render(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
     render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([render(headers), render(["-" * w for w in widths]), *map(render, lines)])

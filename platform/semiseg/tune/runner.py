@@ -157,7 +157,8 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
         rows += run_fixed(context, "final", variants, shown + ["train.seed"])
         check_phase(context, "final", rows)
 
-    outcome = summarise(study, context.tracker.display_uri, context.parent_run_id, rows)
+    outcome = summarise(study, context.tracker.display_uri, context.parent_run_id, rows,
+                        spaces={search.phase: search.space for search in study_searches})
     outcome.registered_models = register_best_models(rows, context.tracker, context.experiment_id, study.name)
     outcome.models_index = export_models(rows, study_dir, study.name, study.group_by, context.tracker,
                                          context.experiment_id)
