@@ -85,6 +85,12 @@ def _search_settings(quick: bool) -> Any:
     return SearchSettings.quick() if quick else SearchSettings()
 
 
+def _predict_settings(quick: bool) -> Any:
+    from benchmarks.predict_throughput import PredictSettings
+
+    return PredictSettings.quick() if quick else PredictSettings()
+
+
 SECTIONS: dict[str, SectionSpec] = {
     "step": SectionSpec("benchmarks.step", _step_settings),
     "trials": SectionSpec("benchmarks.trials", _trials_settings),
@@ -92,6 +98,7 @@ SECTIONS: dict[str, SectionSpec] = {
     "ema": SectionSpec("benchmarks.ema_elastic", _ema_settings),
     "flops": SectionSpec("benchmarks.flops", _flops_settings),
     "search": SectionSpec("benchmarks.search", _search_settings, in_quick=False),
+    "predict": SectionSpec("benchmarks.predict_throughput", _predict_settings),
 }
 
 

@@ -31,6 +31,10 @@ fi
 
 echo "[setup] installing semiseg and its dependencies (elasticdeform from source)"
 "${pip[@]}" --no-binary elasticdeform -e ".[dev]"
+if (( with_test_tools )); then
+  echo "[setup] installing MONAI (the reference of the prediction benchmark and its test)"
+  "${pip[@]}" -e ".[bench]"
+fi
 
 if (( with_test_tools )) && ! command -v chromium >/dev/null 2>&1; then
   echo "[setup] installing chromium (Debian package) for the report browser test"
