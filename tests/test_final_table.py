@@ -156,3 +156,20 @@ def test_one_split_says_over_seeds_and_no_spaces_means_no_warnings(tmp_path: Pat
     assert "mean (std) over seeds of the test metrics" in out and "splits" not in out
     assert "per class" not in out and "(pp)" not in out and "edge of a searched range" not in out
     assert json.loads((tmp_path / "results.json").read_text())["range_warnings"] == []
+
+
+def test_the_per_split_table_shows_each_splits_mean_over_its_seeds():
+    from semiseg.tune.results import per_split_table
+
+    def row(method, split, seed, dice):
+        return TrialRow(f"{method}{split}{seed}", "final", method, {}, 2, 0.5, 2, dice, "completed",
+                        metrics={"test/dice": dice}, config={"data.split": split, "train.seed": seed})
+
+    rows = [row("mean_teacher", 0, 1, 0.6), row("mean_teacher", 0, 2, 0.8), row("mean_teacher", 1, 1, 0.4),
+            row("mean_teacher", 1, 2, 0.5), row("supervised", 0, 1, 0.7), row("supervised", 1, 1, 0.3)]
+    table = per_split_table(rows)
+    assert table["mean_teacher"]["split 0"][0] == pytest.approx(0.7)
+    assert table["mean_teacher"]["split 0"][1] == pytest.approx(0.1414213, abs=1e-6)
+    assert table["mean_teacher"]["split 1"][:1] == pytest.approx((0.45,))
+    assert table["supervised"]["split 1"][2] == 1
+    assert per_split_table([r for r in rows if r.config["data.split"] == 0]) == {}

@@ -24,7 +24,7 @@ from semiseg.tracking import Tracker, metric_name, mlflow_ui_command
 from semiseg.tune.range_edges import range_edges
 from semiseg.tune.results import (FinalTable, TrialRow, best_row, final_comparisons, final_table, first_error_line,
                                   format_final_table, format_per_class_table, format_table, per_class_table,
-                                  postprocessed_table, split_count)
+                                  per_split_table, postprocessed_table, split_count)
 from semiseg.tune.space import SearchSpace
 from semiseg.tune.study import Study
 
@@ -48,6 +48,8 @@ class StudyOutcome:
     """Test Dice and HD95 without and with post-processing; empty when no run post-processed."""
     final_splits: int = 1
     """How many labelled splits the final phase ran on."""
+    final_per_split: FinalTable = field(default_factory=dict)
+    """Test Dice per split (mean (std) over its seeds); empty with one split."""
     comparisons: list[Comparison] = field(default_factory=list)
     range_warnings: list[dict[str, Any]] = field(default_factory=list)
     """Best searched values at an edge of their range (:meth:`RangeEdge.to_dict` plus ``phase``)."""
@@ -109,6 +111,7 @@ def summarise(study: Study, tracking_uri: str, parent_run_id: str | None, rows: 
                         final_per_class=per_class_table(final, study.group_by),
                         final_postprocessed=postprocessed_table(final, study.group_by),
                         final_splits=split_count(final) if final else 1,
+                        final_per_split=per_split_table(final, group_by=study.group_by),
                         comparisons=final_comparisons(final, table, study.group_by),
                         range_warnings=edge_records(rows, spaces or {}))
 
@@ -145,6 +148,7 @@ def report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, s
     payload = {"study": outcome.study, "tracking_uri": outcome.tracking_uri, "parent_run_id": parent_run_id,
                "summary": summary, "final": outcome.final, "final_per_class": outcome.final_per_class,
                "final_postprocessed": outcome.final_postprocessed, "final_splits": outcome.final_splits,
+               "final_per_split": outcome.final_per_split,
                "comparisons": [c.to_dict() for c in outcome.comparisons],
                "range_warnings": outcome.range_warnings, "registered_models": outcome.registered_models,
                "models_index": str(outcome.models_index) if outcome.models_index else None,
@@ -182,6 +186,9 @@ def print_final_tables(outcome: StudyOutcome) -> None:
     if outcome.final_per_class:
         print(f"\n== per class: mean (std) over {over} of test Dice / HD95 (mm)\n"
               + format_per_class_table(outcome.final_per_class))
+    if outcome.final_per_split:
+        print("\n== per split (labelled and validation cases drawn again, same test cases): test Dice, "
+              "mean (std) over seeds\n" + format_final_table(outcome.final_per_split))
     if outcome.final_postprocessed:
         print(f"\n== post-processing (largest component where validation chose it): mean (std) over {over}, "
               "test Dice and HD95 (mm) without and with it (pp)\n"

@@ -209,6 +209,26 @@ def postprocessed_table(rows: Sequence[TrialRow], group_by: Sequence[str] = ()) 
             for label in raw}
 
 
+def per_split_table(rows: Sequence[TrialRow], metric: str = "dice", group_by: Sequence[str] = ()) -> FinalTable:
+    """``group -> "split k" -> (mean, std, count)`` of ``test/{metric}`` over each split's seeds.
+
+    Empty when the rows ran on one split. With 2 labelled cases, which two are labelled can
+    move a method's mean as much as the method does; this is where that shows.
+    """
+    splits = sorted({int(r.config.get(SPLIT_KEY, 0) or 0) for r in rows})
+    if len(splits) < 2:
+        return {}
+    table: FinalTable = {}
+    for label in sorted({group_label(r, group_by) for r in rows}):
+        table[label] = {}
+        for split in splits:
+            values = [r.metrics.get(f"test/{metric}", float("nan")) for r in rows
+                      if group_label(r, group_by) == label and int(r.config.get(SPLIT_KEY, 0) or 0) == split]
+            mean, std = mean_std(values)
+            table[label][f"split {split}"] = (mean, std, sum(1 for v in values if not math.isnan(v)))
+    return table
+
+
 def split_count(rows: Sequence[TrialRow]) -> int:
     """How many distinct ``data.split`` values ``rows`` ran on (a row without one ran on split 0)."""
     return len({str(r.config.get(SPLIT_KEY, 0)) for r in rows})

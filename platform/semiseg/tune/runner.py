@@ -154,7 +154,8 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     variants = final_variants(study, base, rows, final_seeds, args, final_splits=max(1, len(splits)))
     if variants:
         shown = sorted({k for search in study_searches for k in search.space.keys} | set(study.group_by))
-        rows += run_fixed(context, "final", variants, shown + ["train.seed"])
+        split_key = ["data.split"] if len(splits) > 1 else []
+        rows += run_fixed(context, "final", variants, shown + split_key + ["train.seed"])
         check_phase(context, "final", rows)
 
     outcome = summarise(study, context.tracker.display_uri, context.parent_run_id, rows,
