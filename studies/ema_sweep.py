@@ -16,9 +16,10 @@ The range starts at 0.5, not 0.9: with 0.9 as its lower end, this study's best d
 width (on the searched scale) of that end, so the optimum for this short schedule may lie
 below it. On the log scale of 1 − α, 0.5 … 0.995 is two decades (1 − α from 0.5 down to
 0.005); the old 0.9 … 0.995 is 1.3 of them, so about two thirds of the decays drawn at
-random (TPE's start-up trials) still fall there and the resolution near 0.99 is kept. At α = 0.5 the teacher averages about the
-last two steps, close to the student itself: the range now reaches the end where the
-teacher stops being an average. Whether the optimum of this schedule lies inside it is
+random (TPE's start-up trials) still fall there and the resolution near 0.99 is kept. At
+α = 0.5 the teacher averages about the last two steps, close to the student itself: the
+range now reaches the end where the teacher stops being an average. Its first run from a
+fresh clone (2026-12-01) chose α 0.920; 0.56 and 0.60 were stopped by ASHA at epoch 24. Whether the optimum of this schedule lies inside it is
 checked on every run: the study warns, with the ``--range`` to pass, when its best decay
 lies at an edge of the searched range.
 

@@ -39,9 +39,15 @@ def test_interval_containing_zero_is_no_evidence_of_a_difference():
     assert comparison.conclusion == NO_EVIDENCE
     sentence = verdict(comparison)
     assert sentence.startswith("mean_teacher vs supervised: test/dice +0.0400 (95 % CI -0.")
-    assert "paired t-test over 3 paired runs (split × seed), p = " in sentence
+    assert "paired t-test over 3 paired runs (seeds), p = " in sentence
     assert sentence.endswith(": no evidence of a difference")
     assert "beats" not in sentence
+
+
+def test_pairs_from_several_splits_are_named_as_split_by_seed():
+    pairs = [Pair(split, seed, 0.6 + 0.01 * split + 0.02 * seed, 0.6) for split in (0, 1) for seed in (1, 2)]
+    sentence = verdict(compare("mean_teacher", "supervised", pairs, means={"dice": (0.64, 0.60)}))
+    assert "paired t-test over 4 paired runs (split × seed), p = " in sentence
 
 
 def test_interval_above_zero_is_better_and_below_is_worse():

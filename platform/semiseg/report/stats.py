@@ -287,11 +287,16 @@ def compare(method: str, reference: str, pairs: Sequence[Pair], metric: str = PR
     return Comparison(method, reference, metric, list(pairs), test, winner, worse_on)
 
 
+def _paired_by(pairs: Sequence[Pair]) -> str:
+    """``split × seed`` when the pairs come from several splits, else ``seeds``."""
+    return "split × seed" if len({pair.split for pair in pairs}) > 1 else "seeds"
+
+
 def verdict(comparison: Comparison) -> str:
     """One sentence: the mean difference, its 95 % interval, the test and p-value, the conclusion.
 
     Example: ``mean_teacher vs supervised: test/dice +0.0388 (95 % CI -0.1000 to +0.1800;
-    paired t-test over 3 paired runs (split × seed), p = 0.56): no evidence of a difference;
+    paired t-test over 3 paired runs (seeds), p = 0.56): no evidence of a difference;
     but mean_teacher is worse on hd95 (14.79 vs 12.41 mm)``.
     """
     test, metric = comparison.test, comparison.metric
@@ -299,7 +304,7 @@ def verdict(comparison: Comparison) -> str:
     head = f"{comparison.method} vs {comparison.reference}: {metric} {_signed(test.mean_difference, digits)}"
     if test.ran:
         detail = (f"{CONFIDENCE * 100:g} % CI {_signed(test.ci_low, digits)} to {_signed(test.ci_high, digits)}; "
-                  f"{test.test} over {test.n} paired runs (split × seed), p = {_p(test.p_value)}")
+                  f"{test.test} over {test.n} paired runs ({_paired_by(comparison.pairs)}), p = {_p(test.p_value)}")
         if math.isfinite(test.wilcoxon_p):
             detail += f"; {TEST_WILCOXON} p = {_p(test.wilcoxon_p)}"
     else:
