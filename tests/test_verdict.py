@@ -88,8 +88,8 @@ def test_wilcoxon_p_is_named_from_six_pairs():
 def test_too_few_pairs_give_no_test_and_no_evidence():
     comparison = compare("m", "supervised", pairs_with_differences([0.3]))
     assert not comparison.test.ran and comparison.conclusion == NO_EVIDENCE
-    assert verdict(comparison) == ("m vs supervised: test/dice +0.3000 (no paired test: 1 paired run(s); a paired "
-                                   "test needs at least 2): no evidence of a difference")
+    assert verdict(comparison) == ("m vs supervised: test/dice +0.3000 (no paired test over 1 paired runs (seeds): "
+                                   "1 paired run(s); a paired test needs at least 2): no evidence of a difference")
 
 
 def test_results_json_form_has_the_interval_pairs_and_conclusion():

@@ -160,7 +160,8 @@ def test_rendered_dom_has_one_row_per_method_and_no_console_messages(report: Pat
     page.feed(done.stdout)
     assert sorted(page.method_rows) == sorted(METHODS), page.method_rows
     assert "script" not in page.tags and not page.external, page.external
-    assert "n=2" in done.stdout, "the paired test must pair the two seeds of each method"
+    verdicts = re.findall(r"vs supervised: [^<]*", done.stdout)
+    assert verdicts and all(" over 2 paired runs (seeds)" in v for v in verdicts), verdicts
 
 
 def test_every_image_decodes_to_a_non_blank_picture(report: Path, tmp_path: Path):

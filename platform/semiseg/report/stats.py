@@ -308,7 +308,7 @@ def verdict(comparison: Comparison) -> str:
         if math.isfinite(test.wilcoxon_p):
             detail += f"; {TEST_WILCOXON} p = {_p(test.wilcoxon_p)}"
     else:
-        detail = f"no paired test: {test.note}"
+        detail = f"no paired test over {test.n} paired runs ({_paired_by(comparison.pairs)}): {test.note}"
     sentence = f"{head} ({detail}): {comparison.conclusion}"
     if comparison.worse_on:
         sentence += f"; but {comparison.winner} is worse on " + ", ".join(
