@@ -13,11 +13,15 @@
   against the same step with elasticdeform swapped in (the before/after of adopting it). CPU
   timings only: the GPU figures need a lent GPU machine, where ``grid_sample`` stays on
   the device and ``elasticdeform`` copies every sample to the host and back.
+
+``elasticdeform`` is the optional ``reference`` extra (``scripts/setup.sh --test`` installs it);
+without it the section measures the EMA only and says why the elastic comparison was skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -78,6 +82,9 @@ def run(settings: EmaElasticSettings, workdir: Path) -> Section:
     with torch_threads(settings.shape.threads):
         data = phantom_data(settings.shape, workdir)
         _ema(section, settings, data)
+        if not elasticdeform_available():
+            section.notes.append(f"elastic comparison skipped: {library_elastic.INSTALL_HINT}")
+            return section
         _agreement(section, settings)
         _elastic_timing(section, settings, "2d", settings.elastic_2d)
         if settings.elastic_3d:
@@ -86,6 +93,11 @@ def run(settings: EmaElasticSettings, workdir: Path) -> Section:
     section.notes.append("Elastic timings are CPU only; on a lent GPU run the same section to time grid_sample on "
                          "the device (elasticdeform always computes on the host).")
     return section
+
+
+def elasticdeform_available() -> bool:
+    """Whether ``elasticdeform`` (the optional ``reference`` extra) can be imported."""
+    return importlib.util.find_spec("elasticdeform") is not None
 
 
 class NaiveEma:

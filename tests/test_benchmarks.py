@@ -273,6 +273,7 @@ def _smooth(shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize(("shape", "points", "sigma"), [((40, 48), 3, 4.0), ((33, 29), 5, 2.0),
                                                         ((16, 20, 12), 3, 2.0), ((32, 32), 2, 3.0)])
 def test_grid_sample_elastic_agrees_with_elasticdeform(shape, points, sigma):
+    pytest.importorskip("elasticdeform")  # the `reference` extra, installed by scripts/setup.sh --test
     image = _smooth(shape)
     displacement = library_elastic.sample_displacement(2, len(shape), sigma, points,
                                                        torch.Generator().manual_seed(3))
@@ -295,6 +296,7 @@ def test_grid_sample_elastic_is_the_identity_for_zero_displacement():
 
 
 def test_grid_sample_elastic_gradient_matches_elasticdeform():
+    pytest.importorskip("elasticdeform")  # the `reference` extra, installed by scripts/setup.sh --test
     image = _smooth((28, 24))
     displacement = library_elastic.sample_displacement(2, 2, 3.0, 3, torch.Generator().manual_seed(5))
     upstream = torch.randn(image.shape, generator=torch.Generator().manual_seed(6))

@@ -8,6 +8,12 @@ driver receives every rank-0 report anyway, a single writer keeps a SQLite store
 trial finds its existing child run by the ``semiseg.trial_id`` tag instead of opening a
 duplicate. An unreachable tracking server produces one warning; the study goes on and
 its results stay in Ray's storage.
+
+The one exception is a trial's system metrics (CPU, memory, disk, network, and GPU with
+``nvidia-ml-py`` on an NVIDIA machine): they describe the machine the trial runs on, so the
+trial process samples them (:func:`system_metrics`, MLflow's ``SystemMetricsMonitor``) and
+writes one small batch per sampling interval (:data:`SYSTEM_METRICS_INTERVAL_S`) to the run
+the driver opened for it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -51,6 +58,24 @@ TAG_DATASET = "semiseg.dataset"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_OPTUNA_STORAGE = "semiseg.optuna_storage"
 TAG_STORAGE_PATH = "semiseg.storage_path"
+TAG_CACHE_KEY = "semiseg.cache_key"
+"""Tag of a trial's dataset input: the full key of the preprocessed cache it trained on."""
+TAG_SPLIT = "semiseg.split"
+"""Tag of a trial's dataset input: which split of the dataset (``data.split``, and its splits file)."""
+TAG_DATASET_CONTEXT = "mlflow.data.context"
+DATASET_CONTEXT_TRAINING = "training"
+DATASET_TABLE_ARTIFACT = "dataset/cases.json"
+"""The trial's cases and their roles, as an MLflow table artifact (one row per case id)."""
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_MODEL_DEVELOPMENT = "custom_model_development"
+"""The kind MLflow's UI shows as "Machine learning" (runs table first), not a GenAI project."""
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+"""MLflow 3.17's UI takes the kind of its pages from a workflow type kept in the browser (GenAI by
+default), not from the experiment's tag; this query of a UI URL selects machine learning."""
+SYSTEM_METRIC_PREFIX = "system/"
+SYSTEM_METRICS_INTERVAL_S = 10.0
+"""Seconds between two samples of a trial's system metrics (``SEMISEG_SYSTEM_METRICS_INTERVAL`` overrides)."""
+SYSTEM_METRICS_INTERVAL_ENV = "SEMISEG_SYSTEM_METRICS_INTERVAL"
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
 CONFIG_ARTIFACT = "config.json"
@@ -242,12 +267,56 @@ def default_tracking_uri(runs_root: Path) -> str:
     return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
+def mlflow_executable() -> str:
+    """``mlflow`` beside this Python (the virtual environment's) when it is there, else ``mlflow`` (on PATH)."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.exists() else "mlflow"
+
+
 def mlflow_ui_command(tracking_uri: str, port: int = 5000) -> str:
-    """The command that opens the MLflow UI on a store, bound to loopback only (secrets as ``***``)."""
+    """The command that opens the MLflow UI on a store, bound to loopback only (secrets as ``***``).
+
+    A local store gets the virtual environment's ``mlflow`` (:func:`mlflow_executable`), so the
+    command works as printed without an activated environment; a server is opened in a browser.
+    """
+    import shlex
+
     shown = redact_uri(tracking_uri)
-    if tracking_uri.startswith(("http://", "https://")):
+    if tracking_uri.startswith(HTTP_SCHEMES):
         return f"open {shown}"
-    return f"mlflow ui --backend-store-uri {shown} --host 127.0.0.1 --port {port}"
+    return shlex.join([mlflow_executable(), "ui", "--backend-store-uri", shown, "--host", "127.0.0.1",
+                       "--port", str(port)])
+
+
+def mlflow_ui_url(tracking_uri: str, experiment_id: str | None, port: int = 5000) -> str:
+    """The UI page of an experiment's runs (``.../#/experiments/<id>/runs``), never with credentials.
+
+    On a server, its own address (with its path prefix, without a ``user:password@``: the browser
+    asks for them, and the query, which may hold secrets); on a local store, the loopback address of
+    :func:`mlflow_ui_command` on ``port``. The query selects MLflow 3.17's machine-learning pages
+    (:data:`UI_WORKFLOW_QUERY`). Without an experiment (tracking was off), the UI's home page.
+    """
+    if tracking_uri.startswith(HTTP_SCHEMES):
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(tracking_uri)
+        base = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
+    else:
+        base = f"http://127.0.0.1:{port}"
+    if experiment_id is None:
+        return f"{base}/"
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW_QUERY}"
+
+
+def mlflow_ui_hint(tracking_uri: str, experiment_id: str | None, port: int = 5000) -> str:
+    """What to run to see a study in MLflow's UI, as printed: the command, then the experiment's runs page.
+
+    A server needs no command: the hint is ``open <its runs page>``.
+    """
+    url = mlflow_ui_url(tracking_uri, experiment_id, port)
+    if tracking_uri.startswith(HTTP_SCHEMES):
+        return f"open {url}"
+    return f"{mlflow_ui_command(tracking_uri, port)}\n  then open {url}"
 
 
 def health_request(tracking_uri: str, timeout_s: float = 5.0) -> bool:
@@ -393,15 +462,24 @@ class Tracker:
             return None
 
     def experiment_id(self, name: str) -> str | None:
-        """Id of the experiment ``name``, created if missing."""
+        """Id of the experiment ``name``, created if missing, tagged as model development.
+
+        The tag (:data:`TAG_EXPERIMENT_KIND`) makes MLflow's UI treat it as machine learning, not
+        as a GenAI project; an experiment of an older study without the tag gets it now.
+        """
+        kind = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_MODEL_DEVELOPMENT}
+
         def get_or_create() -> str:
             experiment = self.client.get_experiment_by_name(name)
             if experiment is not None:
+                if TAG_EXPERIMENT_KIND not in experiment.tags:
+                    self.client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND,
+                                                   EXPERIMENT_KIND_MODEL_DEVELOPMENT)
                 return experiment.experiment_id
             location = None
             if self.artifact_root is not None and not self.tracking_uri.startswith(("http://", "https://")):
                 location = (self.artifact_root / name).resolve().as_uri()
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=kind)
 
         return self._guard("open the experiment", get_or_create)
 
@@ -464,6 +542,33 @@ class Tracker:
         """Store the file ``path`` as an artifact of the run (under the folder ``artifact_path`` when given)."""
         self._guard("log an artifact", lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
+    def log_dataset(self, run_id: str, name: str, source: str, digest: str, cases: Mapping[str, list[str]],
+                    tags: Mapping[str, str]) -> None:
+        """Log a dataset as an input of the run, and its rows as the table :data:`DATASET_TABLE_ARTIFACT`.
+
+        Args:
+            run_id: the run.
+            name, source, digest: what MLflow's UI shows of the dataset (digest: at most 36 characters).
+            cases: the table, column name -> values (e.g. ``case_id`` and ``role``).
+            tags: tags of the input besides its context (:data:`DATASET_CONTEXT_TRAINING`).
+        """
+        def log() -> None:
+            import mlflow.data
+            import pandas as pd
+            from mlflow.entities import DatasetInput, InputTag
+
+            table = pd.DataFrame(dict(cases))
+            with warnings.catch_warnings():
+                # MLflow registers local folders under two schemes and says so on each resolution
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
+            input_tags = [InputTag(TAG_DATASET_CONTEXT, DATASET_CONTEXT_TRAINING),
+                          *(InputTag(key, str(value)) for key, value in tags.items())]
+            self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=input_tags)])
+            self.client.log_table(run_id, table, DATASET_TABLE_ARTIFACT)
+
+        self._guard("log the dataset", log)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED, FAILED or KILLED."""
         self._guard("end a run", lambda: self.client.set_terminated(run_id, status=status))
@@ -502,3 +607,80 @@ def study_tags(study: str, methods: Iterable[str], dataset: str) -> dict[str, st
     """Tags of a study's parent run."""
     return {TAG_ROLE: ROLE_STUDY, TAG_STUDY: study, TAG_METHOD: ",".join(sorted(set(methods))),
             TAG_DATASET: dataset}
+
+
+def system_metrics_interval() -> float:
+    """Seconds between samples of a trial's system metrics: ``$SEMISEG_SYSTEM_METRICS_INTERVAL`` or 10.
+
+    Raises:
+        ConfigError: the variable is not a positive number.
+    """
+    from semiseg.config import ConfigError
+
+    text = os.environ.get(SYSTEM_METRICS_INTERVAL_ENV, "").strip()
+    if not text:
+        return SYSTEM_METRICS_INTERVAL_S
+    try:
+        interval = float(text)
+    except ValueError:
+        interval = math.nan
+    if not (math.isfinite(interval) and interval > 0):
+        raise ConfigError(f"{SYSTEM_METRICS_INTERVAL_ENV}={text!r}: give the seconds between samples "
+                          "as a positive number")
+    return interval
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S,
+                   node: str | None = None) -> Iterator[None]:
+    """While inside, this machine's CPU, memory, disk, network (and NVIDIA GPU) go to the run as ``system/*``.
+
+    MLflow's ``SystemMetricsMonitor`` samples every ``interval_s`` seconds in a thread and logs
+    each sample at the next step of the run's system metrics (a retried trial continues its
+    steps). On leaving, the thread is stopped and joined (a reused trial process keeps none)
+    and one last sample, of the time since the previous one, is logged, so a trial shorter
+    than the interval still has its values. Utilisations are the whole machine's, as MLflow
+    measures them (trials sharing a machine see each other). GPU metrics need ``nvidia-ml-py``
+    and an NVIDIA driver; CPU and memory need ``psutil``. Monitoring is best effort: a failure
+    to start it, or to log, is a warning in the log and never stops the caller.
+
+    Args:
+        run_id: the MLflow run.
+        tracking_uri: its store (with its secrets: this process writes to it).
+        interval_s: seconds between samples.
+        node: a name for this machine when several log to one run (``system/<node>/...``).
+    """
+    monitor = _start_monitor(run_id, tracking_uri, interval_s, node)
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            _finish_monitor(monitor, tracking_uri)
+
+
+def _start_monitor(run_id: str, tracking_uri: str, interval_s: float, node: str | None):
+    """A started ``SystemMetricsMonitor``, or None (logged) when MLflow cannot monitor here."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                       resume_logging=True, node_id=node, tracking_uri=tracking_uri)
+    except Exception as error:  # noqa: BLE001 - system metrics never stop a trial
+        log.warning("no system metrics for run %s: %s", run_id, scrub(str(error), tracking_uri))
+        return None
+    monitor.start()
+    return monitor
+
+
+def _finish_monitor(monitor: Any, tracking_uri: str) -> None:
+    """Stop and join the monitor's thread, then log one sample of the time since its last one."""
+    monitor.finish()
+    try:
+        for sampler in monitor.monitors:
+            sampler.clear_metrics()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as error:  # noqa: BLE001 - the last sample is not worth failing a trial
+        log.warning("the last system metrics sample was not logged: %s", scrub(str(error), tracking_uri))

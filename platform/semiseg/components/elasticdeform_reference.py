@@ -19,14 +19,39 @@ Each sample of a batch gets its own displacement grid. Interpolation is linear
 to one inside the field of view, and nearest (``order=0``) for labels. Voxels that
 sample from outside the field of view are zero; :func:`deformed_valid_mask` marks the
 others so that a consistency loss can skip them.
+
+``elasticdeform`` is an optional dependency (the ``reference`` extra, installed by
+``scripts/setup.sh --test``): the library never imports this module, and this module imports
+``elasticdeform`` only when a deformation is computed, so that importing it without the extra
+succeeds and :func:`elastic_deform` raises one clear :class:`ModuleNotFoundError`.
 """
 
 from __future__ import annotations
 
-import elasticdeform.torch as elastic_torch
+import importlib
+from types import ModuleType
+
 import torch
 
 from semiseg.components.elastic import sample_displacement  # noqa: F401  (both modules sample alike)
+
+INSTALL_HINT = ("elasticdeform is the optional reference implementation; install it with "
+                "`bash scripts/setup.sh --test` or `.venv/bin/python -m pip install --no-binary elasticdeform "
+                "-e '.[reference]'` (built from source: the registry's wheel fails under NumPy 2)")
+
+
+def elasticdeform_torch() -> ModuleType:
+    """``elasticdeform.torch``, imported on first use.
+
+    Raises:
+        ModuleNotFoundError: ``elasticdeform`` is not installed (the message says how to install it).
+    """
+    try:
+        return importlib.import_module("elasticdeform.torch")
+    except ModuleNotFoundError as error:
+        if error.name not in ("elasticdeform", "elasticdeform.torch"):
+            raise
+        raise ModuleNotFoundError(INSTALL_HINT, name="elasticdeform") from None
 
 
 def elastic_deform(x: torch.Tensor, displacement: torch.Tensor, order: int = 1) -> torch.Tensor:
@@ -46,12 +71,14 @@ def elastic_deform(x: torch.Tensor, displacement: torch.Tensor, order: int = 1) 
 
     Raises:
         ValueError: the displacement does not match the batch or the spatial dimensions.
+        ModuleNotFoundError: ``elasticdeform`` is not installed.
     """
     dims = x.ndim - 2
     if displacement.shape[0] != x.shape[0] or displacement.shape[1] != dims:
         raise ValueError(f"displacement {tuple(displacement.shape)} does not match a batch "
                          f"{tuple(x.shape)} with {dims} spatial dimensions")
     axes = tuple(range(1, dims + 1))
+    elastic_torch = elasticdeform_torch()
     deformed = [elastic_torch.deform_grid(sample.float(), grid, order=order, mode="constant", cval=0.0,
                                           axis=axes)
                 for sample, grid in zip(x, displacement)]

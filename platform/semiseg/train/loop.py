@@ -33,19 +33,26 @@ from semiseg.train.contract import DATASET_KEY, config_from_trial
 from semiseg.train.distributed import GradientSync, ddp_device_ids, finite_on_every_rank, training_device
 from semiseg.train.optimizers import backward_and_step, build_optimizers, set_learning_rate
 from semiseg.train.session import LocalSession, Session, TrainSession, TuneSession, checkpoint_staging
+from semiseg.train.system_metrics import trial_system_metrics
 from semiseg.train.validation import evaluate_test_set, validate
 
 log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: run the loop on this worker with DDP across the group."""
-    run_training(config, TrainSession())
+    """Ray Train entry point: run the loop on this worker with DDP across the group (its machine's
+    system metrics to the trial's MLflow run)."""
+    session = TrainSession()
+    with trial_system_metrics(session):
+        run_training(config, session)
 
 
 def tune_trial(config: dict) -> None:
-    """Ray Tune entry point for single-worker trials: run the loop in the trial process."""
-    run_training(config, TuneSession())
+    """Ray Tune entry point for single-worker trials: run the loop in the trial process (its machine's
+    system metrics to the trial's MLflow run)."""
+    session = TuneSession()
+    with trial_system_metrics(session):
+        run_training(config, session)
 
 
 def run_training(config: Mapping[str, Any], session: Session | None = None) -> LoopState:

@@ -14,12 +14,17 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Protocol
 
+DDP_RUN_PREFIX = "ddp-"
+"""A multi-worker trial's Ray Train run is named ``ddp-<Tune trial id>`` (:mod:`semiseg.tune.trainables`)."""
+
 
 class Session(Protocol):
     """The loop's view of its runtime."""
 
     rank: int
     world_size: int
+    trial_id: str | None
+    """The Tune trial this loop runs for, None outside Tune."""
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         """Report an epoch's metrics and, optionally, a checkpoint folder."""
@@ -36,6 +41,7 @@ class LocalSession:
 
     rank = 0
     world_size = 1
+    trial_id = None
 
     def __init__(self, checkpoint_root: str | Path | None = None) -> None:
         self.reports: list[dict] = []
@@ -71,6 +77,13 @@ class TuneSession:
     rank = 0
     world_size = 1
 
+    @property
+    def trial_id(self) -> str | None:
+        """The Tune trial's id."""
+        from ray import tune
+
+        return tune.get_context().get_trial_id()
+
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         """``ray.tune.report`` with the checkpoint folder."""
         from ray import tune
@@ -100,6 +113,8 @@ class TrainSession:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
+        name = context.get_experiment_name()
+        self.trial_id = name[len(DDP_RUN_PREFIX):] if name.startswith(DDP_RUN_PREFIX) else None
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         """``ray.train.report`` on every rank (Ray Train requires all ranks to call it)."""

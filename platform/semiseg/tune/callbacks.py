@@ -1,4 +1,9 @@
-"""Ray Tune callbacks of a study: one MLflow child run per trial, logged from the driver."""
+"""Ray Tune callbacks of a study: one MLflow child run per trial, logged from the driver.
+
+Each run also gets the trial's data as its dataset input (:mod:`semiseg.tune.lineage`), and
+its trial process is told where the run is, so that it samples its machine's system metrics
+into it (:mod:`semiseg.train.system_metrics`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ from typing import Any
 
 from ray.tune import Callback
 
+from semiseg.config import ConfigError
 from semiseg.train.contract import OVERLAY_FILE, expand_trial_config
+from semiseg.train.system_metrics import share_trial_run, withdraw_trial_run
 from semiseg.tune.failures import ERROR_KEY, describe_error
-from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, STATUS_ORPHANED, TAG_PARENT, TAG_PHASE,
-                              TAG_STATUS, TAG_TRIAL_ID,
-                              Tracker, flatten_for_params, loggable_metrics, trial_tags)
+from semiseg.tune.lineage import trial_lineage
+from semiseg.tracking import (CONFIG_ARTIFACT, METRIC_DIVERGED, METRIC_EPOCH, STATUS_ORPHANED,
+                              SYSTEM_METRICS_INTERVAL_S, TAG_PARENT, TAG_PHASE, TAG_STATUS, TAG_TRIAL_ID, Tracker,
+                              flatten_for_params, loggable_metrics, system_metrics_interval, trial_tags)
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("val/dice_best", "best_epoch", "epoch", "test/dice", "test/hd95", "test/asd")
@@ -68,13 +76,31 @@ class MlflowTrialCallback(Callback):
             if run_id is not None:
                 self.tracker.log_params(run_id, flatten_for_params(config))
                 self.tracker.log_json(run_id, flatten_for_params(config), CONFIG_ARTIFACT)
+                lineage = trial_lineage(trial.config, self.dataset)
+                if lineage is not None:
+                    lineage.log(self.tracker, run_id)
         if run_id is not None:
             self.run_ids[trial.trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        """Open the trial's child run."""
-        self._run_for(trial)
+        """Open the trial's child run and tell the trial where it is, for its system metrics.
+
+        Tune calls this before it sends the trial process its first ``train`` call, so the
+        trial finds the run as its loop starts.
+        """
+        run_id = self._run_for(trial)
+        if run_id is not None and self.tracker.enabled:
+            share_trial_run(trial.trial_id, run_id, self.tracker.tracking_uri, self._sampling_interval())
+
+    @staticmethod
+    def _sampling_interval() -> float:
+        """:func:`semiseg.tracking.system_metrics_interval`, the default (logged) when it is malformed."""
+        try:
+            return system_metrics_interval()
+        except ConfigError as error:
+            log.warning("%s; sampling every %g s", error, SYSTEM_METRICS_INTERVAL_S)
+            return SYSTEM_METRICS_INTERVAL_S
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
         """Log the epoch's metrics at step = epoch, once per epoch.
@@ -107,6 +133,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
         """Close the run: summary metrics, the best epoch's overlay, a status tag, FINISHED."""
+        withdraw_trial_run(trial.trial_id)
         run_id = self._run_for(trial)
         if run_id is None:
             return
@@ -148,6 +175,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
         """Close the run as FAILED, tagged with the error (``Type: message``)."""
+        withdraw_trial_run(trial.trial_id)
         run_id = self._run_for(trial)
         if run_id is not None:
             self.tracker.set_tags(run_id, {TAG_STATUS: STATUS_ERROR, TAG_ERROR: self._error_of(trial)})

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from semiseg.config import ConfigError, parse_override
+from semiseg.config import ConfigError, TrainConfig, parse_override
+
+if TYPE_CHECKING:
+    from semiseg.tune.study import Study
+
+HELP_WIDTH = 100
+"""Columns of the study's description in ``--help``."""
 
 
 @dataclass(frozen=True)
@@ -35,16 +42,32 @@ class StudyArgs:
     ranges: tuple[tuple[str, float, float], ...] = ()
     final_splits: int | None = None
     splits_file: str = ""
+    verbose: bool = False
+
+
+class StudyHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The study's description as written (its lines kept), and ``(default: X)`` after an option's help
+    only when it has a default worth saying (not None, False, empty) that its help does not give already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default in ("", []) \
+                or default is argparse.SUPPRESS:
+            return text
+        if action.option_strings and action.nargs != 0:
+            return f"{text} (default: %(default)s)"
+        return text
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The shared study CLI (``--dataset``, ``--num-samples``, ... ``--set key=value``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=StudyHelpFormatter)
     parser.add_argument("--dataset", default="phantom",
                         help="'phantom' (generated) or the path of a dataset in the nnU-Net raw layout")
-    parser.add_argument("--num-samples", type=int, default=None, help="searched trials (study default if unset)")
-    parser.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (study default if unset)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="searched trials per search (default: the study's, see above)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (default: the study's)")
     parser.add_argument("--workers-per-trial", type=int, default=1,
                         help="1: the loop runs inside the trial; >1: Ray Train DDP workers per trial")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -72,7 +95,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                              "ema_decay=0.99:0.9995 for long schedules (repeatable)")
     parser.add_argument("--skip-baselines", action="store_true", help="run the search only")
     parser.add_argument("--final-seeds", type=int, default=None,
-                        help="seeds of the final re-runs (study default if unset; 0: no re-runs of the searched best)")
+                        help="seeds of the final re-runs (default: the study's; 0: no re-runs of the searched best)")
     parser.add_argument("--final-splits", type=int, default=None, metavar="K",
                         help="run the final phase on K draws of which cases are labelled and validate (the same "
                              "test cases; each with the final seeds); paired tests pair by split and seed "
@@ -82,7 +105,59 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                              "cases ('val'), optionally 'test' and 'unlabelled'; the search trains on the first")
     parser.add_argument("--methods", default=None, metavar="NAME[,NAME...]",
                         help="run only these of the study's methods (its baselines still run)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and Tune's output (status tables, worker logs) on the console; by default "
+                             "it goes to <state-dir>/<study>/ray.log and the console shows each phase's progress")
     return parser
+
+
+def study_description(study: "Study") -> str:
+    """What ``--help`` says about a study: what it searches over which ranges, its budget and epochs,
+    its final phase and what it writes."""
+    epochs = int(study.base.get("train.max_epochs", TrainConfig().max_epochs))
+    smoke_epochs = study.smoke.get("train.max_epochs", epochs)
+    lines = [f"{study.name}: {study.description}", ""]
+    searched = {method: names for method, names in study.methods.items() if names}
+    if searched or study.search_space is not None:
+        lines.append(f"Searches (Optuna TPE with ASHA on the epochs; {study.num_samples} trials per search, "
+                     f"{epochs} epochs per trial, ASHA may stop a trial from epoch {study.grace_period}):")
+        lines += [f"  {method}: {_ranges_text(method, names, study.ranges)}" for method, names in searched.items()]
+        if study.search_space is not None:
+            lines.append(f"  its own space over {', '.join(getattr(study.search_space, 'keys', [])) or 'its keys'}")
+        lines.append("  (--range NAME=LOW:HIGH replaces a range; --num-samples and --max-epochs the budget)")
+    best = "configuration" if study.final_top_k == 1 else f"{study.final_top_k} configurations"
+    final = [f"the best {best} of each search"] if searched and study.final_seeds else []
+    final += ["the baseline " + ", ".join(f"{k}={v}" for k, v in b.items()) for b in study.baselines]
+    final += [f"{m} at its defaults" for m in (*[m for m, names in study.methods.items() if not names],
+                                              *study.baseline_methods)]
+    if final:
+        lines.append(f"Final phase: {'; '.join(final)}, re-run with {max(1, study.final_seeds)} fresh seed(s); "
+                     "each method is compared with supervised by a paired test.")
+    smoke_trials = f"{study.smoke_num_samples} trial(s) per search, " if searched else ""
+    lines.append(f"--smoke: {smoke_trials}{smoke_epochs} epochs, small data (minutes on a laptop).")
+    lines.append(f"Writes: <state-dir>/{study.name}/ (results.json, study_state.json, optuna.db, models/, ray.log); "
+                 "trial results and checkpoints under <storage-path>/ray/; MLflow runs in <state-dir>/mlflow.db "
+                 "unless --tracking-uri.")
+    return "\n".join(textwrap.fill(line, HELP_WIDTH, subsequent_indent="    ", break_on_hyphens=False) if line else line for line in lines)
+
+
+def _ranges_text(method: str, names: Sequence[str], ranges: Any) -> str:
+    """``ema_decay 0.5 … 0.995 (log scale of 1 − value)`` for each searched name (declared or replaced range)."""
+    try:
+        from semiseg.tune.space import resolve
+
+        resolved = resolve(method, names, ranges)
+    except (KeyError, ConfigError, ImportError):  # the study's checks report these before Ray starts
+        return ", ".join(names)
+    parts = []
+    for key, hparam in resolved.items():
+        name = key.removeprefix("method.")
+        if hparam.choices:
+            parts.append(f"{name} one of {', '.join(map(str, hparam.choices))}")
+            continue
+        scale = " (log scale of 1 − value)" if hparam.complement else " (log scale)" if hparam.log else ""
+        parts.append(f"{name} {hparam.low:g} … {hparam.high:g}{scale}")
+    return "; ".join(parts)
 
 
 def is_uri(path: str) -> bool:
@@ -124,7 +199,7 @@ def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> Study
                      resume=ns.resume, smoke=ns.smoke, seed=ns.seed, address=ns.address,
                      overrides=overrides, skip_baselines=ns.skip_baselines, final_seeds=ns.final_seeds,
                      methods=tuple(name.strip() for name in (ns.methods or "").split(",") if name.strip()),
-                     ranges=ranges, final_splits=ns.final_splits,
+                     ranges=ranges, final_splits=ns.final_splits, verbose=ns.verbose,
                      splits_file=str(Path(ns.splits_file).expanduser().resolve()) if ns.splits_file else "")
 
 

@@ -19,6 +19,7 @@ from semiseg.train.contract import DATASET_KEY, STORAGE_KEY, VARIANT_KEY, expand
 from semiseg.tune.cli import StudyArgs
 from semiseg.tune.configs import Search, baseline_config, config_for_method, public, study_baselines
 from semiseg.tune.failures import NoRetryOfDeterministicErrors
+from semiseg.tune.ray_lost import RayLostError, ray_lost_reason
 from semiseg.tune.report import print_errored, progress_reporter, report, summarise
 from semiseg.tune.retention import CheckpointRetention
 from semiseg.tune.results import TrialRow, first_error_line, rows_from_results
@@ -53,7 +54,19 @@ def fit_phase(tuner: Any, phase: str) -> Any:
 
     Raises:
         StudyInterruptedError: the phase was stopped by SIGINT.
+        RayLostError: Ray itself stopped under the phase (see :mod:`semiseg.tune.ray_lost`).
     """
+    try:
+        return _fit(tuner, phase)
+    except Exception as error:
+        reason = ray_lost_reason(error)
+        if reason is None:
+            raise
+        raise RayLostError(phase, reason) from error
+
+
+def _fit(tuner: Any, phase: str) -> Any:
+    """``tuner.fit()`` with the interruption check of :func:`fit_phase`."""
     if threading.current_thread() is not threading.main_thread():
         results = tuner.fit()
         if results.num_terminated + results.num_errors < len(results):
@@ -96,6 +109,10 @@ class PhaseContext:
     joined_cluster: bool = False
     state: dict = field(default_factory=dict)
     """The study's resumable state (``study_state.json``)."""
+    shown_errors: set[str] = field(default_factory=set)
+    """Ids of the errored trials whose line the progress reporter printed when they errored."""
+    running_phase: str = "start-up"
+    """The phase Tune runs now (named when Ray stops under it)."""
 
     def save_state(self) -> None:
         save_state(self.study_dir, self.state)
@@ -121,16 +138,21 @@ class PhaseContext:
         return self.args.workers_per_trial == 1
 
     def run_config(self, phase: str, keys: Sequence[str] = ()):
-        """Tune's run configuration of ``phase`` (``keys``: the searched keys shown in the progress lines)."""
+        """Tune's run configuration of ``phase`` (``keys``: the searched keys shown in the progress lines).
+
+        Tune's verbosity 1 lets it call the progress reporter and keeps its per-trial lines off
+        the console; with ``--verbose`` the reporter is Tune's own status table.
+        """
         from ray import tune
 
+        reporter = progress_reporter(phase, self.study.metric, self.study.mode, keys, self.max_epochs,
+                                     verbose=self.args.verbose, shown_errors=self.shown_errors)
         return tune.RunConfig(name=f"{self.study.name}-{phase}", storage_path=self.ray_storage,
                               callbacks=[self.callback(phase), NoRetryOfDeterministicErrors(MAX_FAILURES),
                                          CheckpointRetention(keep=2)],
                               failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                               checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                              progress_reporter=progress_reporter(self.study.metric, keys),
-                              verbose=1)
+                              progress_reporter=reporter, verbose=1)
 
     def trainable(self):
         return make_trainable(self.args.workers_per_trial, self.args.cpus_per_worker, self.args.gpus_per_worker,
@@ -216,7 +238,7 @@ def run_fixed(context: PhaseContext, phase: str, variants: list[dict[str, Any]],
                                                       metric=context.study.metric, mode=context.study.mode,
                                                       trial_dirname_creator=trial_dirname,
                                                       reuse_actors=context.reuse_actors),
-                          run_config=context.run_config(phase))
+                          run_config=context.run_config(phase, ["method.name", *shown_keys]))
 
     results = fit_phase(_restored_or_new(context, phase, new), phase)
     return rows_from_results(results, phase, shown_keys, context.max_epochs)
@@ -227,6 +249,7 @@ def _restored_or_new(context: PhaseContext, phase: str, new: Callable[[], Any]):
     from ray import tune
 
     path = context.experiment_path(phase)
+    context.running_phase = phase
     if context.args.resume and tune.Tuner.can_restore(path):
         print(f"resuming {phase} from {redact_uri(path)}", flush=True)
         return tune.Tuner.restore(path, context.trainable(), resume_errored=True, resume_unfinished=True)
@@ -243,7 +266,7 @@ def check_phase(context: PhaseContext, phase: str, rows: list[TrialRow]) -> None
     errored = [r for r in phase_rows if r.status == "error"]
     if not errored:
         return
-    print_errored(phase, errored, len(phase_rows))
+    print_errored(phase, errored, len(phase_rows), context.shown_errors)
     if len(errored) < len(phase_rows):
         return
     outcome = summarise(context.study, redact_uri(context.tracker.tracking_uri), context.parent_run_id, rows)

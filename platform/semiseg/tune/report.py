@@ -17,10 +17,10 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from semiseg.report.stats import Comparison, verdict
-from semiseg.tracking import Tracker, metric_name, mlflow_ui_command
+from semiseg.tracking import Tracker, metric_name, mlflow_ui_hint
 from semiseg.tune.range_edges import range_edges
 from semiseg.tune.results import (FinalTable, TrialRow, best_row, final_comparisons, final_table, first_error_line,
                                   format_final_table, format_per_class_table, format_table, per_class_table,
@@ -54,6 +54,8 @@ class StudyOutcome:
     range_warnings: list[dict[str, Any]] = field(default_factory=list)
     """Best searched values at an edge of their range (:meth:`RangeEdge.to_dict` plus ``phase``)."""
     registered_models: list[str] = field(default_factory=list)
+    experiment_id: str | None = None
+    """The study's MLflow experiment (None when tracking is off): the UI hint links its runs."""
     models_index: Path | None = None
     """The study's kept models (``models/index.json``, :mod:`semiseg.tune.model_export`), None when none."""
 
@@ -68,26 +70,40 @@ def console_logging() -> None:
 
 
 def print_banner(study: Study, dataset_name: str, searches: int, num_samples: int, max_epochs: int,
-                 final_seeds: int, tracking_uri: str) -> None:
-    """The study's opening lines (``tracking_uri`` redacted)."""
+                 final_seeds: int, tracking_uri: str, log_file: Path | None = None, verbose: bool = False) -> None:
+    """The study's opening lines (``tracking_uri`` redacted), with the path of its log file (Ray's and Tune's
+    output)."""
+    logs = ""
+    if log_file is not None:
+        logs = f"\n   Ray's and Tune's logs: {log_file}" + ("" if verbose else " (--verbose shows them here)")
     print(f"\n== study {study.name}: {study.description}\n   dataset {dataset_name}; "
           f"{searches} search(es) of {num_samples} trials, {max_epochs} epochs each; "
-          f"final phase with {max(1, final_seeds)} seed(s); MLflow {tracking_uri}\n", flush=True)
+          f"final phase with {max(1, final_seeds)} seed(s); MLflow {tracking_uri}{logs}\n", flush=True)
 
 
-def progress_reporter(metric: str, keys: Sequence[str] = ()):
-    """Concise progress: epoch, the metric and the loss, plus the searched ``keys`` of a search phase."""
+def progress_reporter(phase: str, metric: str, mode: str, keys: Sequence[str], max_epochs: int,
+                      verbose: bool = False, shown_errors: set[str] | None = None):
+    """The phase's progress on the console: :class:`~semiseg.tune.progress.StudyProgress` (one line per
+    phase, see :mod:`semiseg.tune.progress`; it adds the ids of the errored trials it printed to
+    ``shown_errors``); with ``verbose``, Tune's own status tables with the epoch, the metric, the loss
+    and the searched ``keys``."""
+    if not verbose:
+        from semiseg.tune.progress import StudyProgress
+
+        return StudyProgress(phase, metric, mode, keys, max_epochs, reported_errors=shown_errors)
     from ray.tune import CLIReporter
 
     return CLIReporter(metric_columns={"epoch": "epoch", metric: metric, "train/loss": "train/loss"},
                        parameter_columns=list(keys), max_report_frequency=30, sort_by_metric=True)
 
 
-def print_errored(phase: str, errored: list[TrialRow], trials: int) -> None:
-    """A line per errored trial of ``phase`` (of ``trials``)."""
+def print_errored(phase: str, errored: list[TrialRow], trials: int, already_shown: Collection[str] = ()) -> None:
+    """The count of errored trials of ``phase`` (of ``trials``), then a line for each not in ``already_shown``
+    (the ids whose line the progress reporter printed when they errored)."""
     print(f"\n== {phase}: {len(errored)} of {trials} trial(s) errored", flush=True)
     for row in errored:
-        print(f"   {first_error_line([row])}", flush=True)
+        if row.trial_id not in already_shown:
+            print(f"   {first_error_line([row])}", flush=True)
 
 
 def summarise(study: Study, tracking_uri: str, parent_run_id: str | None, rows: list[TrialRow],
@@ -161,16 +177,21 @@ def report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, s
         print("registered models: " + ", ".join(outcome.registered_models))
     if outcome.models_index is not None:
         print(f"models: {outcome.models_index}\nsegment new scans: {predict_command(study_dir)}")
-    print(f"\nresults: {study_dir / RESULTS_FILE}\nMLflow UI: {mlflow_ui_command(outcome.tracking_uri)}\n",
-          flush=True)
+    hint = mlflow_ui_hint(outcome.tracking_uri, outcome.experiment_id)
+    print(f"\nresults: {study_dir / RESULTS_FILE}\nMLflow UI: {hint}\n", flush=True)
+
+
+def venv_executable(name: str) -> str:
+    """``name`` beside this Python (the virtual environment's) when it is there, else ``name`` (on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
 
 
 def predict_command(study_dir: Path) -> str:
     """The ``semiseg-predict`` command line for a study's models, with the executable beside this Python's
     (the virtual environment's) when it is there, so that it works as printed."""
-    beside = Path(sys.executable).parent / "semiseg-predict"
-    executable = str(beside) if beside.exists() else "semiseg-predict"
-    return shlex.join([executable, "--model", str(study_dir), "--input", "IMAGES_DIR", "--output", "OUTPUT_DIR"])
+    return shlex.join([venv_executable("semiseg-predict"), "--model", str(study_dir), "--input", "IMAGES_DIR",
+                       "--output", "OUTPUT_DIR"])
 
 
 def over_runs(outcome: StudyOutcome) -> str:

@@ -23,6 +23,13 @@ errored, the study stops there: it writes ``results.json``, ends its MLflow run 
 prints ``error: <phase>: all N trial(s) errored; first: trial ID: Type: message (error file
 PATH)`` and exits with status 1 (:data:`EXIT_TRIALS_FAILED`).
 
+The console (:mod:`semiseg.tune.console`, :mod:`semiseg.tune.progress`): the study's own lines
+and one progress line per phase; Ray's and Tune's output goes to ``<state-dir>/<study>/ray.log``
+(``--verbose`` shows it as well). When Ray itself stops under the study (its local GCS or raylet
+exits, or Tune's loop raises Ray's own error), one line says so with the command that resumes
+the study, the traceback goes to that log file, and the study exits with status 3
+(:data:`~semiseg.tune.ray_lost.EXIT_RAY_LOST`).
+
 The parts: :mod:`semiseg.tune.checks` (the checks before Ray starts), :mod:`semiseg.tune.configs`
 (the configurations a study trains), :mod:`semiseg.tune.phases` (the searches and the final
 phase on Tune), :mod:`semiseg.tune.report` (the console output and ``results.json``).
@@ -43,13 +50,15 @@ from semiseg.tracking import (TAG_OPTUNA_STORAGE, TAG_STORAGE_PATH, Tracker, che
 from semiseg.train.contract import DATASET_KEY, STORAGE_KEY
 from semiseg.data.splits import SPLITS_FILE, Split, write_splits
 from semiseg.tune.checks import check_dataset, check_searches, check_splits, check_trained_configs, search_ranges
-from semiseg.tune.cli import StudyArgs, check_paths, parse_args
+from semiseg.tune.cli import StudyArgs, check_paths, parse_args, study_description
+from semiseg.tune.console import StudyConsole, study_log_file
 from semiseg.tune.configs import budget, public, resolve_base_config, searches, study_baselines, study_methods
 from semiseg.tune.local_ray import init_ray
 from semiseg.tune.model_export import export_models
 from semiseg.tune.model_registry import register_best_models
 from semiseg.tune.phases import (PhaseContext, StudyInterruptedError, TrialsFailedError, check_phase, final_variants,
                                  load_state, run_fixed, run_search, save_state)
+from semiseg.tune.ray_lost import EXIT_RAY_LOST, LocalRayWatch, RayLostError, ray_lost_line, stop_local_ray
 from semiseg.tune.report import StudyOutcome, console_logging, print_banner, report, summarise
 from semiseg.tune.resources import ResourceError, TrialRequest, check_cluster_resources, check_local_resources
 from semiseg.tune.results import TrialRow
@@ -83,12 +92,13 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
 
     Raises:
         SystemExit: status 2 on input errors (dataset, configuration, impossible resources),
-            status 1 when every trial of a phase errored, status 130 when stopped with Ctrl+C
-            (with the command that resumes it), after one message.
+            status 1 when every trial of a phase errored, status 3 when Ray stopped under the
+            study and status 130 when stopped with Ctrl+C (both with the command that resumes
+            it), after one message.
     """
     import ray
 
-    args = parse_args(f"{study.name}.py", study.description, argv)
+    args = parse_args(f"{study.name}.py", study_description(study), argv)
     console_logging()
     ray_was_connected = ray.is_initialized()
     try:
@@ -106,27 +116,34 @@ def run_study(study: Study, argv: Sequence[str] | None = None) -> StudyOutcome:
     except (DatasetError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_INPUT_ERROR) from None
-    try:
-        return execute(study, args, base, layout_name, splits)
-    except StudyInterruptedError as error:
-        if ray.is_initialized() and not ray_was_connected:
-            ray.shutdown()
-        print(f"stopped during {error}: its finished trials and checkpoints are saved; continue with:\n"
-              f"  {resume_command(argv)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except (ResourceError, TrialsFailedError) as error:
-        if ray.is_initialized() and not ray_was_connected:
-            ray.shutdown()
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INPUT_ERROR if isinstance(error, ResourceError) else EXIT_TRIALS_FAILED) from None
+    with StudyConsole(study_log_file(args.state_dir / study.name), args.verbose) as console:
+        try:
+            return execute(study, args, base, layout_name, splits, console=console, resume=resume_command(argv))
+        except StudyInterruptedError as error:
+            if ray.is_initialized() and not ray_was_connected:
+                ray.shutdown()
+            print(f"stopped during {error}: its finished trials and checkpoints are saved; continue with:\n"
+                  f"  {resume_command(argv)}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except (ResourceError, TrialsFailedError) as error:
+            if ray.is_initialized() and not ray_was_connected:
+                ray.shutdown()
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INPUT_ERROR if isinstance(error, ResourceError) else EXIT_TRIALS_FAILED) from None
+        except RayLostError as error:
+            console.log_exception(error)
+            print(ray_lost_line(error.phase, error.reason, resume_command(argv)), file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_RAY_LOST) from None
 
 
 def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: str,
-            splits: Sequence[Split] = ()) -> StudyOutcome:
+            splits: Sequence[Split] = (), console: StudyConsole | None = None, resume: str = "") -> StudyOutcome:
     """Run the phases of a validated study and print the report.
 
     ``splits``: the final phase's splits (:func:`~semiseg.tune.checks.check_splits`), written to
     the study's folder as ``splits_final.json`` (``--splits`` takes that file back).
+    ``console``: the study's console set-up (told when Ray has started); ``resume``: the command
+    that resumes the study, printed if its local Ray stops under it.
     """
     import ray
 
@@ -139,13 +156,34 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
     started_ray = not ray.is_initialized()
     if started_ray and (dashboard := init_ray(args.address)):
         log.info("Ray dashboard: %s", dashboard)
+    if console is not None:
+        console.ray_started()
     check_cluster_resources(TrialRequest.from_args(args))
     joined_cluster = not started_ray or bool(args.address or os.environ.get("RAY_ADDRESS"))
     context = _start_tracking(study, args, base, dataset_name, state, joined_cluster)
+    watch = LocalRayWatch(resume, lambda: context.running_phase)
+    if started_ray and not joined_cluster:
+        watch.start()
+    try:
+        return _run_phases(study, args, base, dataset_name, splits, context, console)
+    except RayLostError:
+        if started_ray and not joined_cluster:
+            stop_local_ray()  # what is left of it: ray.shutdown would wait for the lost GCS
+        raise
+    finally:
+        watch.stop()
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _run_phases(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: str, splits: Sequence[Split],
+                context: PhaseContext, console: StudyConsole | None) -> StudyOutcome:
+    """The searches, the final phase and the report of a study whose Ray and tracking are up."""
+    study_dir = context.study_dir
     study_searches = searches(study, base, search_ranges(study, args))
     num_samples, final_seeds = budget(study, args)
     print_banner(study, dataset_name, len(study_searches), num_samples, context.max_epochs, final_seeds,
-                 context.tracker.display_uri)
+                 context.tracker.display_uri, console.log_file if console else None, args.verbose)
 
     rows: list[TrialRow] = []
     for search in study_searches:
@@ -160,16 +198,15 @@ def execute(study: Study, args: StudyArgs, base: dict[str, Any], dataset_name: s
 
     outcome = summarise(study, context.tracker.display_uri, context.parent_run_id, rows,
                         spaces={search.phase: search.space for search in study_searches})
+    outcome.experiment_id = context.experiment_id
     outcome.registered_models = register_best_models(rows, context.tracker, context.experiment_id, study.name)
     outcome.models_index = export_models(rows, study_dir, study.name, study.group_by, context.tracker,
                                          context.experiment_id)
     report(outcome, context.tracker, context.parent_run_id, study_dir)
     if context.parent_run_id:
         context.tracker.end_run(context.parent_run_id, "FINISHED")
-    state["finished"] = True
+    context.state["finished"] = True
     context.save_state()
-    if started_ray:
-        ray.shutdown()
     return outcome
 
 

@@ -8,6 +8,7 @@ from ray import tune
 
 from semiseg.train.contract import STORAGE_KEY
 from semiseg.train.loop import train_loop_per_worker, tune_trial as run_tune_trial
+from semiseg.train.session import DDP_RUN_PREFIX
 from semiseg.tune.failures import deterministic_errors_end_the_trial
 
 DDP_DRIVER_MEMORY = 256 * 1024 ** 2
@@ -54,7 +55,7 @@ def make_trainable(workers_per_trial: int, cpus_per_worker: int, gpus_per_worker
             torch_config=TorchConfig(backend="nccl" if gpus_per_worker > 0 else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=workers_per_trial, use_gpu=gpus_per_worker > 0,
                                                    resources_per_worker=resources),
-            run_config=ray.train.RunConfig(name=f"ddp-{trial_id}", storage_path=config[STORAGE_KEY],
+            run_config=ray.train.RunConfig(name=f"{DDP_RUN_PREFIX}{trial_id}", storage_path=config[STORAGE_KEY],
                                            callbacks=[TuneReportCallback()],
                                            failure_config=ray.train.FailureConfig(max_failures=0)),
         )
