@@ -196,9 +196,9 @@ def _new_search(context: PhaseContext, search: Search, num_samples: int):
     """A new Tuner of ``search``: TPE in the study's Optuna storage, ASHA on the epochs."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from semiseg.tune.scheduler import make_scheduler
     from semiseg.tune.searcher import EpochAwareOptunaSearch
 
     study, space = context.study, search.space
@@ -212,9 +212,7 @@ def _new_search(context: PhaseContext, search: Search, num_samples: int):
     searcher = EpochAwareOptunaSearch(space=space, metric=study.metric, mode=study.mode, sampler=sampler,
                                       storage=storage, study_name=optuna_name, max_epochs=context.max_epochs,
                                       points_to_evaluate=[seed_point] if seed_point else None)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=context.max_epochs,
-                              grace_period=min(study.grace_period, context.max_epochs),
-                              reduction_factor=study.reduction_factor)
+    scheduler = make_scheduler(study, context.study_dir, search.phase, context.max_epochs)
     tuner = tune.Tuner(context.trainable(), param_space=search.base,
                        tune_config=tune.TuneConfig(
                            search_alg=ConcurrencyLimiter(searcher, context.max_concurrent(num_samples)),
