@@ -70,7 +70,10 @@ def test_system_metrics_are_logged_and_the_thread_is_gone_after(tmp_path):
     assert steps == list(range(len(steps))) and len(steps) >= 3, "a shorter-than-interval stretch logs its sample"
 
 
-def test_a_trial_without_a_shared_run_is_not_monitored():
+def test_a_trial_without_a_shared_run_is_not_monitored(monkeypatch):
+    import semiseg.train.system_metrics as system_metrics_module
+
+    monkeypatch.setattr(system_metrics_module, "_kv", lambda: None)  # no Ray connection (another test may hold one)
     assert shared_trial_run("abc") is None and share_trial_run("abc", "run", "sqlite:///x", 1.0) is False
     with trial_system_metrics(LocalSession()):
         assert _monitor_threads() == []
