@@ -101,11 +101,10 @@ def test_sigterm_stops_every_process_of_the_ui_and_frees_the_port(tmp_path: Path
     group, members = None, []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_http(port):
-            assert dashboard.poll() is None, f"the dashboard exited with {dashboard.returncode}: " \
-                                             f"{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "the MLflow UI did not answer /health"
+        while not _answers_http(port) and dashboard.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert dashboard.poll() is None, f"the dashboard exited with {dashboard.returncode}: {log.read_text()[-3000:]}"
+        assert _answers_http(port), f"the MLflow UI never answered /health: {log.read_text()[-3000:]}"
         (ui,) = _children(dashboard.pid)
         group = ui
         members = _descendants(dashboard.pid)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -72,5 +71,5 @@ def test_a_dead_raylet_ends_the_study_with_one_line_and_the_resume_command(tmp_p
     assert len(errors) == 1 and errors[0].startswith("error: Ray stopped during search-mean_teacher"), console
     assert errors[0].rstrip().endswith("--set train.max_epochs=50 --resume")
     assert "Traceback" not in console and "Raylet is terminated" not in console
-    time.sleep(1)
-    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
