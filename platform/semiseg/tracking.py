@@ -267,16 +267,17 @@ def default_tracking_uri(runs_root: Path) -> str:
     return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
-def mlflow_executable() -> str:
-    """``mlflow`` beside this Python (the virtual environment's) when it is there, else ``mlflow`` (on PATH)."""
-    beside = Path(sys.executable).parent / "mlflow"
-    return str(beside) if beside.exists() else "mlflow"
+def venv_executable(name: str) -> str:
+    """``name`` beside this Python (the virtual environment's) when it is there, else ``name`` (on PATH):
+    a printed hint then works without an activated environment."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
 
 
 def mlflow_ui_command(tracking_uri: str, port: int = 5000) -> str:
     """The command that opens the MLflow UI on a store, bound to loopback only (secrets as ``***``).
 
-    A local store gets the virtual environment's ``mlflow`` (:func:`mlflow_executable`), so the
+    A local store gets the virtual environment's ``mlflow`` (:func:`venv_executable`), so the
     command works as printed without an activated environment; a server is opened in a browser.
     """
     import shlex
@@ -284,7 +285,7 @@ def mlflow_ui_command(tracking_uri: str, port: int = 5000) -> str:
     shown = redact_uri(tracking_uri)
     if tracking_uri.startswith(HTTP_SCHEMES):
         return f"open {shown}"
-    return shlex.join([mlflow_executable(), "ui", "--backend-store-uri", shown, "--host", "127.0.0.1",
+    return shlex.join([venv_executable("mlflow"), "ui", "--backend-store-uri", shown, "--host", "127.0.0.1",
                        "--port", str(port)])
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
 from semiseg.report.stats import Comparison, verdict
-from semiseg.tracking import Tracker, metric_name, mlflow_ui_hint
+from semiseg.tracking import Tracker, metric_name, mlflow_ui_hint, venv_executable
 from semiseg.tune.range_edges import range_edges
 from semiseg.tune.results import (FinalTable, TrialRow, best_row, final_comparisons, final_table, first_error_line,
                                   format_final_table, format_per_class_table, format_table, per_class_table,
@@ -179,12 +179,6 @@ def report(outcome: StudyOutcome, tracker: Tracker, parent_run_id: str | None, s
         print(f"models: {outcome.models_index}\nsegment new scans: {predict_command(study_dir)}")
     hint = mlflow_ui_hint(outcome.tracking_uri, outcome.experiment_id)
     print(f"\nresults: {study_dir / RESULTS_FILE}\nMLflow UI: {hint}\n", flush=True)
-
-
-def venv_executable(name: str) -> str:
-    """``name`` beside this Python (the virtual environment's) when it is there, else ``name`` (on PATH)."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else name
 
 
 def predict_command(study_dir: Path) -> str:
